@@ -56,12 +56,15 @@ class ModelConfig:
         from the teacher's trained last stage + head).
       synchronized_bn: use synchronized BatchNormalization across replicas; None = on
         exactly when the strategy has more than one replica.
+      teacher_checkpoint: a trained teacher `.keras` file to distill from; None = train
+        one (`run`) or use the workdir's `teacher/teacher.keras` (`distill`).
     """
 
     teacher: str = "wrn_40_2"
     student: str = "wrn_40_1"
     peer_init: str = "fresh"
     synchronized_bn: bool | None = None
+    teacher_checkpoint: str | None = None
 
     def __post_init__(self):
         _check_choice("model.peer_init", self.peer_init, PEER_INITS)

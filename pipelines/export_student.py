@@ -1,0 +1,30 @@
+"""Exports a trained student: TF Serving SavedModel + verified TFLite files + report.json.
+
+    python -m pipelines.export_student --workdir=workdir/quickstart
+    python -m pipelines.export_student --workdir=w --student=w/distill/student_last.keras --version=7
+
+Artifacts go to workdir/export/ (serving/<model_name>/<version>/, tflite/, report.json).
+"""
+
+import json
+
+from absl import app, flags
+
+from pipelines import common
+from sokd_tf import workflow
+from sokd_tf.data import load_dataset
+
+common.define_config_flags(default_preset="quickstart")
+flags.DEFINE_string("workdir", None, "Run directory (its config.json names the data).", required=True)
+flags.DEFINE_string("student", None, "Student .keras file; unset = workdir/distill/student_best.keras.")
+
+
+def body():
+    config = common.config_for_workdir(common.FLAGS.workdir)
+    dataset = load_dataset(config.data, seed=config.train.seed)
+    report = workflow.export_stage(config, common.FLAGS.workdir, dataset, common.FLAGS.student)
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app.run(common.main_wrapper(body))

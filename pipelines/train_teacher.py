@@ -1,0 +1,25 @@
+"""Vanilla training of the teacher (or any model): writes workdir/teacher/teacher.keras.
+
+    python -m pipelines.train_teacher --workdir=workdir/quickstart
+"""
+
+from absl import app
+
+from pipelines import common
+from sokd_tf import training, workflow
+from sokd_tf.data import load_dataset
+
+common.define_config_flags(default_preset="quickstart")
+common.define_workdir_flags()
+
+
+def body():
+    config = common.config_from_flags()
+    dataset = load_dataset(config.data, seed=config.train.seed)
+    workflow.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    results = training.train_teacher(config, common.FLAGS.workdir, dataset)
+    print(f"teacher: {results['checkpoint']}")
+
+
+if __name__ == "__main__":
+    app.run(common.main_wrapper(body))

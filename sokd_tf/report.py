@@ -1,0 +1,183 @@
+"""`report.md` and its plots, made from the artifacts in a run's workdir."""
+
+from __future__ import annotations
+
+import os
+
+from sokd_tf import artifacts
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _plot(paths: artifacts.Workdir, histories: dict, bars: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    os.makedirs(paths.plots_dir, exist_ok=True)
+    written = []
+    for stage, rows in histories.items():
+        if not rows:
+            continue
+        roles = sorted({key.split("/")[0] for row in rows for key in row if key.endswith("/top1")
+                        and "/" in key and not key.startswith(("val_", "test_"))})
+        figure, (loss_axis, accuracy_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
+        epochs = [row["epoch"] for row in rows]
+        for key in ("loss", "val_loss"):
+            if key in rows[0]:
+                loss_axis.plot(epochs, [row.get(key) for row in rows], label=key)
+        loss_axis.set(xlabel="epoch", ylabel="loss", title=f"{stage}: loss")
+        loss_axis.legend()
+        for role in roles:
+            for prefix, style in (("", ":"), ("val_", "--"), ("test_", "-")):
+                key = f"{prefix}{role}/top1"
+                if key in rows[0]:
+                    accuracy_axis.plot(
+                        epochs, [100 * row.get(key, float("nan")) for row in rows], style,
+                        label=f"{role} {prefix.rstrip('_') or 'train'}",
+                    )
+        accuracy_axis.set(xlabel="epoch", ylabel="top-1 (%)", title=f"{stage}: accuracy per role")
+        accuracy_axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(paths.plots_dir, f"{stage}_curves.png")
+        figure.savefig(path, dpi=100)
+        pyplot.close(figure)
+        written.append(path)
+    if bars:
+        figure, axis = pyplot.subplots(figsize=(8, 4))
+        names = list(bars)
+        values = [100 * bars[name] for name in names]
+        axis.bar(names, values, color="tab:blue")
+        for index, value in enumerate(values):
+            axis.text(index, value, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+        axis.set(ylabel="test top-1 (%)", title="test accuracy")
+        axis.set_ylim(max(0, min(values) - 10), 100)
+        pyplot.setp(axis.get_xticklabels(), rotation=20, ha="right")
+        figure.tight_layout()
+        path = os.path.join(paths.plots_dir, "accuracy.png")
+        figure.savefig(path, dpi=100)
+        pyplot.close(figure)
+        written.append(path)
+    return written
+
+
+def write_report(workdir: str) -> str:
+    """Writes `workdir/report.md` (+ `plots/*.png`) from the run's artifacts; returns its path."""
+    paths = artifacts.Workdir(workdir)
+    config = artifacts.read_json(paths.config, {})
+    teacher = artifacts.read_json(os.path.join(paths.teacher_dir, "results.json"))
+    distill = artifacts.read_json(os.path.join(paths.distill_dir, "results.json"))
+    evaluation = artifacts.read_json(paths.evaluation, {})
+    export = artifacts.read_json(os.path.join(paths.export_dir, "report.json"))
+    histories = {
+        "teacher": artifacts.read_json(os.path.join(paths.teacher_dir, "history.json"), []),
+        "distill": artifacts.read_json(os.path.join(paths.distill_dir, "history.json"), []),
+    }
+
+    lines = ["# sokd_tf run report", ""]
+    method = config.get("train", {}).get("method", "?")
+    data = config.get("data", {})
+    lines += [
+        f"Method **{method}**, teacher `{config.get('model', {}).get('teacher')}`, student "
+        f"`{config.get('model', {}).get('student')}`, data `{data.get('name')}` ({data.get('source')}).",
+        "",
+    ]
+    selection = (distill or teacher or {}).get("best_epoch_selected_on", "validation")
+    lines += [
+        "## Results (test split)",
+        "",
+        f"Best epoch chosen on: **{selection}**. Last = the final epoch.",
+        "",
+        "| model | params | best epoch | test top-1 @ best | last test top-1 | last test top-5 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    params = (distill or {}).get("params", {})
+    bars = {}
+    if teacher:
+        role = teacher["roles"]["teacher"]
+        lines.append(
+            f"| teacher (own training) | {teacher['params']['teacher']:,} | {role['best_epoch']} | "
+            f"{_pct(role['best_test_top1'])} | {_pct(role['last_test_top1'])} | {_pct(role['last_test_top5'])} |"
+        )
+    if distill and "teacher" in distill:
+        before = distill["teacher"]["before_distillation"]
+        lines.append(
+            f"| teacher, before distillation | {params.get('teacher', 0):,} | – | – | "
+            f"{_pct(before.get('top1'))} | {_pct(before.get('top5'))} |"
+        )
+        bars["teacher"] = before["top1"]
+        after = distill["teacher"].get("after_distillation_bn_statistics_moved")
+        if after:
+            lines.append(
+                f"| teacher, after distillation (BN statistics moved, official mode) | "
+                f"{params.get('teacher', 0):,} | – | – | {_pct(after.get('top1'))} | {_pct(after.get('top5'))} |"
+            )
+    if distill:
+        for role, label, stem in (("peer", "peer path (reconstructed teacher)", "reconstructed_teacher"),
+                                  ("student", "student", "student")):
+            record = distill["roles"].get(role)
+            if record is None:
+                continue
+            count = params.get(stem, params.get(role, 0))
+            lines.append(
+                f"| {label} | {count:,} | {record['best_epoch']} | {_pct(record['best_test_top1'])} | "
+                f"{_pct(record['last_test_top1'])} | {_pct(record['last_test_top5'])} |"
+            )
+            if record["last_test_top1"] is not None:
+                bars[f"{role} (last)"] = record["last_test_top1"]
+    lines.append("")
+    if evaluation:
+        lines += ["## Saved models re-evaluated from disk", "", "| file | params | top-1 | top-5 |", "|---|---:|---:|---:|"]
+        for name, result in evaluation.items():
+            lines.append(
+                f"| `{os.path.relpath(result['path'], workdir)}` | {result['params']:,} | "
+                f"{_pct(result.get('top1'))} | {_pct(result.get('top5'))} |"
+            )
+        lines.append("")
+    if export:
+        lines += _export_section(export, workdir)
+    written = _plot(paths, histories, bars)
+    if written:
+        lines += ["## Plots", ""]
+        lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in written]
+        lines.append("")
+    lines += ["## Resolved config", "", "```json", _json(config), "```", ""]
+    text = "\n".join(lines)
+    tmp = paths.report + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, paths.report)
+    return paths.report
+
+
+def _export_section(export: dict, workdir: str) -> list[str]:
+    lines = ["## Exports", ""]
+    serving = export.get("saved_model") or {}
+    if serving:
+        lines += [f"SavedModel (TF Serving): `{os.path.relpath(serving.get('path', ''), workdir)}`", ""]
+    variants = export.get("tflite") or {}
+    if variants:
+        lines += [
+            "| TFLite variant | size (KB) | size vs fp32 | test top-1 | agreement with Keras | latency median (ms, 1 thread) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        fp32_size = (variants.get("fp32") or {}).get("size_bytes")
+        for name, result in variants.items():
+            size = result.get("size_bytes")
+            ratio = f"{fp32_size / size:.2f}×" if fp32_size and size else "–"
+            latency = result.get("latency_ms_median")
+            lines.append(
+                f"| {name} | {size / 1024:.1f} | {ratio} | {_pct(result.get('top1'))} | "
+                f"{_pct(result.get('agreement'))} | {'–' if latency is None else f'{latency:.3f}'} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2, sort_keys=True)

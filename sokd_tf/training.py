@@ -1,0 +1,262 @@
+"""Training stages: the teacher's vanilla training and the distillation stage.
+
+Each stage reads its inputs from and writes its outputs to the run's workdir (see
+`sokd_tf.artifacts`), resumes from its last completed epoch when rerun, and is skipped
+when its `results.json` already exists.
+
+Reference: SOKD spec, "Optimisation (official recipe, CIFAR-100)".
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+from sokd_tf import artifacts, callbacks, distillers, models
+from sokd_tf.config import RunConfig
+from sokd_tf.data import ImageDataset
+from sokd_tf.errors import ConfigError, UserError
+from sokd_tf.evaluation import evaluate_model, load_model
+from sokd_tf.models import peer as peer_lib
+
+
+def setup_runtime(config: RunConfig):
+    """Seeds, precision policy and strategy for a stage; returns the strategy."""
+    from sokd_tf import distribute
+
+    keras.utils.set_random_seed(config.train.seed)
+    if config.data.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    distribute.set_precision(config.train.precision)
+    return distribute.make_strategy(config.train.strategy)
+
+
+def load_teacher(path: str, info) -> keras.Model:
+    """Loads a teacher `.keras` file and checks it fits the data.
+
+    Raises:
+      UserError: missing/unreadable file, or class count / input shape differ from the data.
+    """
+    if not os.path.exists(path):
+        raise UserError(
+            f"teacher checkpoint {path!r} does not exist; train one with pipelines.train_teacher "
+            f"or pass --teacher_checkpoint"
+        )
+    teacher = load_model(path)
+    input_shape = tuple(teacher.input_shape[1:])
+    num_classes = teacher.output_shape[-1]
+    if input_shape != tuple(info.image_shape) or num_classes != info.num_classes:
+        raise UserError(
+            f"teacher checkpoint {path!r} takes {input_shape} images and predicts {num_classes} "
+            f"classes, but the data has {tuple(info.image_shape)} images and {info.num_classes} classes"
+        )
+    return teacher
+
+
+def _synchronized_bn(config: RunConfig, strategy) -> bool:
+    if config.model.synchronized_bn is not None:
+        return config.model.synchronized_bn
+    return strategy.num_replicas_in_sync > 1
+
+
+def _build(name: str, info, synchronized_bn: bool, model_name: str) -> keras.Model:
+    if name not in models.BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(models.BUILDERS)}")
+    return models.BUILDERS[name](
+        tuple(info.image_shape), info.num_classes, synchronized_bn=synchronized_bn, name=model_name
+    )
+
+
+def _fit(trainer, *, config, dataset, stage_dir, epochs, roles, monitor, best_models, test_data):
+    """Runs `fit` with resume, logging and best-epoch checkpoints; returns the history rows."""
+    checkpoint_dir = os.path.join(stage_dir, "checkpoints")
+    backup_dir = os.path.join(checkpoint_dir, "backup")
+    metadata = artifacts.read_json(os.path.join(backup_dir, "training_metadata.json"), {})
+    first_epoch = int(metadata.get("epoch", 0))
+    steps = _steps(config, dataset)
+    train_data = dataset.train_batches(
+        config.data.batch_size,
+        seed=config.train.seed,
+        first_epoch=first_epoch,
+        steps_per_epoch=steps,
+        drop_remainder=config.data.drop_remainder,
+    )
+    validation_split = "validation" if config.data.validation_size > 0 else "test"
+    validation_data = dataset.eval_batches(validation_split, config.data.eval_batch_size)
+    history = callbacks.MetricHistory(stage_dir)
+    fit_callbacks = [
+        callbacks.LearningRateLogger(),
+        callbacks.TestSplitEvaluation(test_data),
+        callbacks.BestCheckpoints(checkpoint_dir, monitor, best_models),
+        history,
+        callbacks.EpochSummary(roles, epochs),
+        keras.callbacks.TensorBoard(os.path.join(stage_dir, "logs")),
+        # Last, so an epoch counts as done only once everything above is written.
+        keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True, delete_checkpoint=False),
+    ]
+    trainer.fit(
+        train_data,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        validation_data=validation_data,
+        callbacks=fit_callbacks,
+        verbose=2 if os.environ.get("CI") else 1,
+    )
+    return history.rows, artifacts.read_json(os.path.join(checkpoint_dir, "best.json"), {})
+
+
+def _results(rows, best, roles, validation_size):
+    last = rows[-1] if rows else {}
+    selection = "validation" if validation_size > 0 else "best on test, as the paper reports"
+    out = {"epochs_completed": len(rows), "best_epoch_selected_on": selection, "roles": {}}
+    for role in roles:
+        record = best.get(role, {})
+        out["roles"][role] = {
+            "last_test_top1": last.get(f"test_{role}/top1"),
+            "last_test_top5": last.get(f"test_{role}/top5"),
+            "best_epoch": record.get("epoch"),
+            "best_selection_top1": record.get("value"),
+            "best_test_top1": record.get("test_top1"),
+        }
+    return out
+
+
+def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
+    """Vanilla CE training of the teacher; writes `teacher/teacher.keras` (last epoch)."""
+    paths = artifacts.Workdir(workdir)
+    results_path = os.path.join(paths.teacher_dir, "results.json")
+    if os.path.exists(results_path):
+        return artifacts.read_json(results_path)
+    strategy = setup_runtime(config)
+    info = dataset.info
+    with strategy.scope():
+        teacher = _build(config.model.teacher, info, _synchronized_bn(config, strategy), "teacher")
+        trainer = distillers.VanillaTrainer(teacher, role="teacher")
+        steps = _steps(config, dataset)
+        trainer.compile(
+            optimizer=distillers.make_optimizer(
+                config.train, steps, base_learning_rate=config.train.teacher_learning_rate
+            ),
+            jit_compile=config.train.jit_compile,
+        )
+    test_data = dataset.eval_batches("test", config.data.eval_batch_size)
+    rows, best = _fit(
+        trainer,
+        config=config,
+        dataset=dataset,
+        stage_dir=paths.teacher_dir,
+        epochs=config.train.teacher_epochs,
+        roles=["teacher"],
+        monitor={"teacher": _monitor_key(config, "teacher")},
+        best_models={"teacher": {"teacher": teacher}},
+        test_data=test_data,
+    )
+    artifacts.save_model(teacher, paths.teacher_checkpoint)
+    results = _results(rows, best, ["teacher"], config.data.validation_size)
+    results["checkpoint"] = paths.teacher_checkpoint
+    results["params"] = {"teacher": teacher.count_params()}
+    artifacts.write_json(results_path, results)
+    return results
+
+
+def _steps(config: RunConfig, dataset: ImageDataset) -> int:
+    steps = dataset.steps_per_epoch(config.data.batch_size, drop_remainder=config.data.drop_remainder)
+    if config.train.steps_per_epoch is not None:
+        steps = min(steps, config.train.steps_per_epoch)
+    return steps
+
+
+def _monitor_key(config: RunConfig, role: str) -> str:
+    return f"val_{role}/top1"
+
+
+def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
+    """The method's trainer, its roles and the models to save per role."""
+    method = config.train.method
+    student = _build(config.model.student, info, synchronized_bn, "student")
+    loss = config.loss
+    if method == "vanilla":
+        return distillers.VanillaTrainer(student, role="student"), {"student": {"student": student}}
+    if method == "kd":
+        trainer = distillers.KnowledgeDistiller(
+            teacher, student, temperature=loss.temperature, weights=loss.kd_weights(),
+            teacher_bn_mode=config.train.teacher_bn_mode,
+        )
+        return trainer, {"student": {"student": student}}
+    if method == "dml":
+        peer = _build(config.model.teacher, info, synchronized_bn, "peer")
+        trainer = distillers.MutualLearner(
+            peer, student, temperature=loss.dml_temperature,
+            temperature_squared=loss.dml_temperature_squared,
+        )
+        return trainer, {"student": {"student": student}, "peer": {"peer": peer}}
+    peer = peer_lib.build_peer(teacher, init=config.model.peer_init)
+    trainer = distillers.SemiOnlineDistiller(
+        teacher, peer, student, temperature=loss.temperature, weights=loss.sokd_weights(),
+        teacher_bn_mode=config.train.teacher_bn_mode,
+    )
+    reconstructed = peer_lib.build_reconstructed_teacher(teacher, peer)
+    return trainer, {
+        "student": {"student": student},
+        "peer": {"peer": peer, "reconstructed_teacher": reconstructed},
+    }
+
+
+def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
+    """Trains the student with `config.train.method`; writes `distill/` artifacts.
+
+    The teacher is `config.model.teacher_checkpoint`, by default the workdir's own `teacher/teacher.keras`; the file is
+    only read, never overwritten, even when the teacher's BatchNorm statistics move
+    during distillation (`teacher_bn_mode="official"`).
+    """
+    paths = artifacts.Workdir(workdir)
+    results_path = os.path.join(paths.distill_dir, "results.json")
+    if os.path.exists(results_path):
+        return artifacts.read_json(results_path)
+    method = config.train.method
+    info = dataset.info
+    teacher_path = config.model.teacher_checkpoint or paths.teacher_checkpoint
+    strategy = setup_runtime(config)
+    test_data = dataset.eval_batches("test", config.data.eval_batch_size)
+    with strategy.scope():
+        teacher = load_teacher(teacher_path, info) if method in ("kd", "sokd") else None
+        teacher_before = evaluate_model(teacher, test_data) if teacher is not None else None
+        trainer, best_models = build_distiller(
+            config, info, teacher, _synchronized_bn(config, strategy)
+        )
+        trainer.compile(
+            optimizer=distillers.make_optimizer(config.train, _steps(config, dataset)),
+            jit_compile=config.train.jit_compile,
+        )
+    roles = list(best_models)
+    rows, best = _fit(
+        trainer,
+        config=config,
+        dataset=dataset,
+        stage_dir=paths.distill_dir,
+        epochs=config.train.epochs,
+        roles=roles,
+        monitor={role: _monitor_key(config, role) for role in roles},
+        best_models=best_models,
+        test_data=test_data,
+    )
+    for role_models in best_models.values():
+        for stem, model in role_models.items():
+            artifacts.save_model(model, paths.distilled(stem, "last"))
+    results = _results(rows, best, roles, config.data.validation_size)
+    results["method"] = method
+    results["params"] = {
+        stem: model.count_params() for role_models in best_models.values()
+        for stem, model in role_models.items()
+    }
+    if teacher is not None:
+        results["teacher"] = {"checkpoint": teacher_path, "before_distillation": teacher_before}
+        results["params"]["teacher"] = teacher.count_params()
+        if config.train.teacher_bn_mode == "official":
+            results["teacher"]["after_distillation_bn_statistics_moved"] = evaluate_model(
+                teacher, test_data
+            )
+    artifacts.write_json(results_path, results)
+    return results
