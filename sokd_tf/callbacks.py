@@ -9,7 +9,6 @@ rewrites its files from the restored epoch on, so every epoch is recorded exactl
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 

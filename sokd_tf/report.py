@@ -131,7 +131,7 @@ def write_report(workdir: str) -> str:
     lines.append("")
     if evaluation:
         lines += ["## Saved models re-evaluated from disk", "", "| file | params | top-1 | top-5 |", "|---|---:|---:|---:|"]
-        for name, result in evaluation.items():
+        for result in evaluation.values():
             lines.append(
                 f"| `{os.path.relpath(result['path'], workdir)}` | {result['params']:,} | "
                 f"{_pct(result.get('top1'))} | {_pct(result.get('top5'))} |"

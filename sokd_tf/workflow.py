@@ -95,9 +95,9 @@ def export_stage(config: RunConfig, workdir: str, dataset: ImageDataset, student
 
 def run(config: RunConfig, workdir: str, *, overwrite: bool = False) -> dict:
     """Runs every stage; resumes where a previous identical run stopped."""
-    if config.train.method in ("kd", "sokd") and config.model.teacher_checkpoint:
-        if not os.path.exists(config.model.teacher_checkpoint):
-            raise UserError(f"teacher checkpoint {config.model.teacher_checkpoint!r} does not exist")
+    checkpoint = config.model.teacher_checkpoint
+    if config.train.method in ("kd", "sokd") and checkpoint and not os.path.exists(checkpoint):
+        raise UserError(f"teacher checkpoint {checkpoint!r} does not exist")
     dataset = load_dataset(config.data, seed=config.train.seed)
     paths = prepare_workdir(config, workdir, overwrite=overwrite)
     outcome = {}
