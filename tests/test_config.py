@@ -1,0 +1,64 @@
+"""Config dataclasses: defaults = paper recipe, presets, overrides, validation."""
+
+import pytest
+
+from sokd_tf import config as config_lib
+from sokd_tf.errors import ConfigError
+
+
+def test_defaults_are_the_paper_recipe():
+    config = config_lib.RunConfig()
+    assert (config.model.teacher, config.model.student) == ("wrn_40_2", "wrn_40_1")
+    assert config.model.peer_init == "fresh"
+    assert (config.data.source, config.data.name, config.data.batch_size) == ("tfds", "cifar100", 128)
+    assert config.data.normalization == "cifar10"
+    assert config.train.epochs == 200 and config.train.lr_decay_epochs == (100, 150)
+    assert config.train.student_learning_rate == config.train.peer_learning_rate == 0.1
+    assert (config.train.momentum, config.train.nesterov, config.train.weight_decay) == (0.9, False, 5e-4)
+    assert config.train.seed == 8888
+    assert config.loss.temperature == 4.0
+    assert set(config.loss.sokd_weights().values()) == {1.0}
+    assert config.loss.kd_weights() == {"student/ce": 0.1, "student/kd_from_teacher": 0.9}
+
+
+def test_preset_then_overrides():
+    config = config_lib.resolve("quickstart", {"train.epochs": 7, "data.batch_size": 64})
+    assert config.data.source == "fashion_mnist"
+    assert config.train.epochs == 7
+    assert config.data.batch_size == 64
+    # Untouched fields keep the library default.
+    assert config.train.weight_decay == 5e-4
+
+
+def test_paper_preset_equals_defaults_on_the_recipe():
+    paper = config_lib.resolve("cifar100_wrn40_2_wrn40_1")
+    assert paper == config_lib.RunConfig()
+
+
+def test_json_round_trip():
+    config = config_lib.resolve("quickstart", {"export.tflite_variants": ["fp32", "int8"]})
+    assert config_lib.RunConfig.from_dict(config.to_dict()) == config
+    assert config.export.tflite_variants == ("fp32", "int8")
+
+
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        ({"loss.temperature": -1.0}, "loss.temperature"),
+        ({"loss.temperature": 0.0}, "loss.temperature"),
+        ({"train.method": "fitnet"}, "train.method"),
+        ({"train.lr_decay_epochs": (150, 100)}, "train.lr_decay_epochs"),
+        ({"data.batch_size": 0}, "data.batch_size"),
+        ({"loss.peer_kd_weight": -0.5}, "loss.peer_kd_weight"),
+        ({"export.tflite_variants": ("fp64",)}, "export.tflite_variants"),
+        ({"train.nonsense": 1}, "train.nonsense"),
+    ],
+)
+def test_bad_values_name_the_culprit(overrides, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        config_lib.resolve(None, overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        config_lib.resolve("imagenet")
