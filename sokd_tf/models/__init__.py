@@ -1,0 +1,56 @@
+"""Model families and the stage conventions the peer builder relies on.
+
+`BUILDERS[name](input_shape, num_classes, *, synchronized_bn=False, name=None)` returns a
+built functional `keras.Model` from normalised float32 images `[batch, H, W, C]` to float32
+logits `[batch, num_classes]`. Stage outputs are layers named `stem`, `group1` ..
+`groupN` (raw group outputs, before any final BN), `features` (pooled vector) and `logits`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+
+from sokd_tf.errors import ConfigError
+from sokd_tf.models import wide_resnet
+
+BUILDERS = {
+    "wrn_16_1": wide_resnet.make_builder(16, 1),
+    "wrn_16_2": wide_resnet.make_builder(16, 2),
+    "wrn_40_1": wide_resnet.make_builder(40, 1),
+    "wrn_40_2": wide_resnet.make_builder(40, 2),
+    "wrn_28_10": wide_resnet.make_builder(28, 10),
+}
+
+_STAGE_PATTERN = re.compile(r"^(stem|group\d+|features|logits)$")
+
+
+def stage_names(model: keras.Model) -> list[str]:
+    """Names of the model's stage layers in forward order, e.g. `["stem", "group1", ...]`."""
+    return [layer.name for layer in model.layers if _STAGE_PATTERN.match(layer.name)]
+
+
+def penultimate_stage(model: keras.Model) -> str:
+    """The stage a SOKD peer branches from: the second-to-last group (`group2` for WRN).
+
+    Raises:
+      ConfigError: the model has fewer than two named groups.
+    """
+    groups = [name for name in stage_names(model) if name.startswith("group")]
+    if len(groups) < 2:
+        raise ConfigError(
+            f"model {model.name!r} needs at least two stage layers named group1, group2, ... "
+            f"to branch a peer from; found {groups}"
+        )
+    return groups[-2]
+
+
+def build(name: str, input_shape, num_classes: int, *, synchronized_bn: bool = False,
+          model_name: str | None = None) -> keras.Model:
+    """`BUILDERS[name](...)` with a clear error for an unknown architecture name."""
+    if name not in BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[name](
+        tuple(input_shape), num_classes, synchronized_bn=synchronized_bn, name=model_name
+    )
