@@ -48,9 +48,11 @@ def _defaults() -> dict[str, typing.Any]:
 
 
 def define_config_flags(*, default_preset: str | None = "quickstart") -> None:
-    """Defines --preset and one flag per config field."""
+    """Defines --preset and one flag per config field (once per process)."""
     from sokd_tf import models
 
+    if "preset" in FLAGS:
+        return
     choices = dict(_CHOICES)
     choices["model.teacher"] = tuple(models.BUILDERS)
     choices["model.student"] = tuple(models.BUILDERS)
@@ -136,9 +138,13 @@ def main_wrapper(body):
 
 
 def define_workdir_flags() -> None:
+    """Defines --workdir and --overwrite (once per process)."""
+    if "workdir" in FLAGS:
+        return
     flags.DEFINE_string("workdir", None, "Directory of the run's artifacts.", required=True)
     flags.DEFINE_boolean(
-        "overwrite", False, "Delete an existing run in --workdir whose config differs, and start over."
+        "overwrite", False,
+        "Delete an existing run in --workdir (needed when its config differs) and start over.",
     )
 
 

@@ -16,7 +16,7 @@ from sokd_tf.data import load_dataset
 from sokd_tf.evaluation import evaluate_model, load_model
 
 common.define_config_flags(default_preset="quickstart")
-flags.DEFINE_string("workdir", None, "Run directory whose config.json names the data.", required=True)
+common.define_workdir_flags()
 flags.DEFINE_string("model_path", None, "A .keras model; unset = every model saved in --workdir.")
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate on.")
 

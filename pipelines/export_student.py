@@ -15,7 +15,7 @@ from sokd_tf import workflow
 from sokd_tf.data import load_dataset
 
 common.define_config_flags(default_preset="quickstart")
-flags.DEFINE_string("workdir", None, "Run directory (its config.json names the data).", required=True)
+common.define_workdir_flags()
 flags.DEFINE_string("student", None, "Student .keras file; unset = workdir/distill/student_best.keras.")
 
 

@@ -1,0 +1,173 @@
+"""Pipelines: flag validation, refused config changes, an end-to-end run, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from pipelines import common
+from pipelines import distill as distill_pipeline
+from sokd_tf import config as config_lib
+from sokd_tf import workflow
+from sokd_tf.errors import ConfigError, DataError, UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+
+
+def _tiny_flags(data_dir, workdir, epochs=2):
+    return [
+        f"--workdir={workdir}",
+        f"--data_dir={data_dir}",
+        "--teacher=wrn_16_1",
+        "--student=wrn_16_1",
+        "--batch_size=64",
+        "--eval_batch_size=128",
+        "--validation_size=128",
+        f"--epochs={epochs}",
+        "--teacher_epochs=1",
+        "--lr_decay_epochs=1",
+        "--steps_per_epoch=3",
+        "--tflite_variants=fp32",
+        "--representative_size=16",
+        "--latency_runs=5",
+        "--qat_epochs=0",
+    ]
+
+
+@pytest.fixture
+def parsed_flags(tmp_path):
+    if not FLAGS.is_parsed():
+        FLAGS(["test", f"--workdir={tmp_path}"])
+    with flagsaver.flagsaver(workdir=str(tmp_path)):
+        yield
+
+
+def test_negative_temperature_is_a_config_error(parsed_flags):
+    with flagsaver.flagsaver(temperature=-1.0), pytest.raises(ConfigError, match="loss.temperature"):
+        common.config_from_flags()
+
+
+def test_list_flag_with_bad_items(parsed_flags):
+    with flagsaver.flagsaver(lr_decay_epochs=["ten"]), pytest.raises(UserError, match="lr_decay_epochs"):
+        common.config_from_flags()
+
+
+def test_unknown_model_is_rejected_by_the_flag_parser(parsed_flags):
+    with pytest.raises(flags.IllegalFlagValueError):
+        FLAGS["teacher"].parse("resnet_9000")
+
+
+def test_missing_teacher_checkpoint(parsed_flags, tmp_path):
+    with flagsaver.flagsaver(method="sokd", teacher_checkpoint=str(tmp_path / "nope.keras")):
+        with pytest.raises(UserError, match="nope.keras"):
+            distill_pipeline.body()
+
+
+def test_unreadable_data_dir(parsed_flags, tmp_path):
+    with flagsaver.flagsaver(method="dml", data_dir=str(tmp_path / "no_such_dir")):
+        with pytest.raises(DataError, match="no_such_dir"):
+            distill_pipeline.body()
+
+
+def test_changed_config_is_refused_unless_overwrite(tmp_path):
+    first = config_lib.resolve("quickstart")
+    workflow.prepare_workdir(first, str(tmp_path))
+    workflow.prepare_workdir(first, str(tmp_path))  # Same config: resumes, no error.
+    changed = config_lib.resolve("quickstart", {"train.epochs": 99})
+    with pytest.raises(ConfigError, match=r"train\.epochs: 4 -> 99"):
+        workflow.prepare_workdir(changed, str(tmp_path))
+    (tmp_path / "distill").mkdir()
+    workflow.prepare_workdir(changed, str(tmp_path), overwrite=True)
+    assert not (tmp_path / "distill").exists()
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["train"]["epochs"] == 99
+
+
+def _pipeline(name, args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", f"pipelines.{name}", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, **kwargs,
+    )
+
+
+def test_bad_flag_exits_nonzero_with_one_line(tmp_path):
+    result = _pipeline("run", [f"--workdir={tmp_path}", "--temperature=-2"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: loss.temperature must be > 0.0, got -2.0"
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_run_end_to_end(small_fashion_mnist, tmp_path):
+    workdir = tmp_path / "run"
+    result = _pipeline("run", _tiny_flags(small_fashion_mnist, workdir), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in (
+        "config.json", "teacher/teacher.keras", "distill/student_best.keras",
+        "distill/student_last.keras", "distill/reconstructed_teacher_best.keras",
+        "distill/history.csv", "evaluation.json", "export/report.json", "report.md",
+        "plots/distill_curves.png", "plots/accuracy.png",
+    ):
+        assert (workdir / path).exists(), path
+    assert list((workdir / "export" / "tflite").glob("*.tflite"))
+    assert list((workdir / "export" / "serving" / "student").iterdir())
+    assert list((workdir / "distill" / "logs").rglob("events.out.tfevents.*"))
+    history = json.loads((workdir / "distill" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert {"test_student/top1", "val_peer/top1", "peer/kd_from_teacher", "learning_rate"} <= set(history[0])
+    report = (workdir / "report.md").read_text()
+    assert "student" in report and "reconstructed teacher" in report
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(small_fashion_mnist, tmp_path):
+    """Kill `run` right after the first distillation epoch is backed up, rerun, compare."""
+    import numpy as np
+
+    import keras
+
+    epochs = 3
+    reference = tmp_path / "reference"
+    result = _pipeline("run", _tiny_flags(small_fashion_mnist, reference, epochs), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", *_tiny_flags(small_fashion_mnist, killed, epochs)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    metadata = killed / "distill" / "checkpoints" / "backup" / "training_metadata.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch") == 1:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "run finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (killed / "distill" / "results.json").exists()
+
+    result = _pipeline("run", _tiny_flags(small_fashion_mnist, killed, epochs), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((killed / "distill" / "history.json").read_text())
+    reference_history = json.loads((reference / "distill" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    # The schedule continued: same learning rate per epoch as the uninterrupted run.
+    assert [row["learning_rate"] for row in history] == [r["learning_rate"] for r in reference_history]
+    resumed = keras.saving.load_model(killed / "distill" / "student_last.keras")
+    uninterrupted = keras.saving.load_model(reference / "distill" / "student_last.keras")
+    for a, b in zip(resumed.weights, uninterrupted.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
