@@ -1,0 +1,371 @@
+"""The one input pipeline: `load_dataset(DataConfig) -> ImageDataset`.
+
+Every training, evaluation and export path reads images through `ImageDataset`:
+`train_batches` (endless, seeded, augmented), `eval_batches` (finite, fixed order),
+`raw_images` (uint8 pixels for export calibration) and `normalize` (the single
+definition of the normalisation, `(pixels / 255 - mean) / std`).
+
+Determinism: the order and augmentation of training epoch e depend only on (seed, e):
+the permutation and every augmentation draw are stateless random ops seeded from
+(seed, e) (and the batch index), so a run resumed at epoch e sees exactly the batches an
+uninterrupted run sees in epoch e. Each epoch is batched on its own, so it ends with its
+own partial batch and `steps_per_epoch` is exact. In-memory splits (the default) are
+permuted by index; streamed splits (file sources with `cache=False`) are shuffled
+through a bounded buffer seeded the same way.
+
+Validation hold-out: `validation_size` images are drawn from the source's train split
+by a permutation seeded with `seed`; both parts keep their original relative order.
+
+Normalisation statistics ("dataset" mode): known constants for fashion_mnist, cifar10
+and cifar100 (tfds or IDX sources), else the converter's `dataset_info.json`, else
+computed from the source's full train split (before the hold-out, so the statistics are
+a property of the dataset, not of the seed).
+
+Reference: DECISIONS.md, "Data"; SOKD spec, "Optimisation".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from sokd_tf import config as config_lib
+from sokd_tf.data import fashion_mnist, image_folder, tfds_source, tfrecord
+from sokd_tf.data.augment import pad_crop_flip
+from sokd_tf.data.info import DatasetInfo
+from sokd_tf.data.source import SourceData, SourceSplit
+from sokd_tf.errors import ConfigError, DataError
+
+DEFAULT_SEED = 8888
+SHUFFLE_BUFFER = 16384
+EVAL_SPLITS = ("train", "validation", "test")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+KNOWN_STATISTICS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_MAX_EPOCHS = 2**62
+
+
+def normalize(pixels: tf.Tensor, mean, std) -> tf.Tensor:
+    """`(pixels / 255 - mean) / std` per channel, as float32.
+
+    Args:
+      pixels: uint8 or float `[..., channels]` raw pixel values in [0, 255].
+      mean, std: per-channel statistics of [0, 1] pixels, length `channels`.
+
+    Returns:
+      float32 tensor of the same shape.
+    """
+    pixels = tf.cast(pixels, tf.float32)
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return (pixels / 255.0 - mean) / std
+
+
+class ImageDataset:
+    """A validated dataset plus the pipelines that feed training, evaluation and export.
+
+    Build it with `load_dataset`. Attributes: `info` (DatasetInfo).
+    """
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        splits: dict[str, SourceSplit],
+        *,
+        pad: int = 4,
+        flip: bool = True,
+        deterministic: bool = True,
+        drop_remainder: bool = False,
+    ):
+        height, width = info.image_shape[:2]
+        if pad >= min(height, width):
+            raise ConfigError(f"data.pad={pad} must be smaller than the image size "
+                              f"{height}x{width}")
+        self.info = info
+        self._splits = splits
+        self._pad = pad
+        self._flip = flip
+        self._deterministic = deterministic
+        self._drop_remainder = drop_remainder
+        self._tensors: dict[str, tuple[tf.Tensor, tf.Tensor]] = {}
+
+    def normalize(self, pixels: tf.Tensor) -> tf.Tensor:
+        """Normalises raw pixels (uint8 or float in [0, 255]) with this dataset's mean/std."""
+        return normalize(pixels, self.info.mean, self.info.std)
+
+    def steps_per_epoch(self, batch_size: int, drop_remainder: bool | None = None) -> int:
+        """Training batches per epoch: ceil(n / batch), or floor when dropping the remainder."""
+        drop = self._drop_remainder if drop_remainder is None else drop_remainder
+        size = self._splits["train"].size
+        steps = size // batch_size if drop else math.ceil(size / batch_size)
+        if steps == 0:
+            raise DataError(f"train split of {size} images gives no full batch of "
+                            f"{batch_size} with drop_remainder=True")
+        return steps
+
+    def _split(self, split: str) -> SourceSplit:
+        if split not in EVAL_SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {list(EVAL_SPLITS)}")
+        if split not in self._splits:
+            raise DataError(f"dataset {self.info.name!r} has no {split!r} split "
+                            f"(data.validation_size=0 holds none out)")
+        return self._splits[split]
+
+    def _in_memory(self, split: str) -> tuple[tf.Tensor, tf.Tensor]:
+        if split not in self._tensors:
+            data = self._splits[split]
+            self._tensors[split] = (tf.constant(data.images), tf.constant(data.labels))
+        return self._tensors[split]
+
+    def _options(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        options = tf.data.Options()
+        options.deterministic = self._deterministic
+        return dataset.with_options(options)
+
+    def train_batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        first_epoch: int = 0,
+        augment: bool = True,
+        drop_remainder: bool | None = None,
+    ) -> tf.data.Dataset:
+        """Endless training batches, epoch after epoch from `first_epoch`.
+
+        Args:
+          batch_size: images per batch.
+          seed: seed of the order and the augmentation.
+          first_epoch: epoch of the first batch (resuming); epoch e is the same whatever
+            epoch the pipeline started at.
+          augment: apply the training augmentation (reflect-pad `pad` -> random crop ->
+            random horizontal flip, as configured).
+          drop_remainder: drop each epoch's last partial batch; None = the DataConfig's.
+
+        Returns:
+          `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`.
+        """
+        drop = self._drop_remainder if drop_remainder is None else drop_remainder
+        self.steps_per_epoch(batch_size, drop)
+        train = self._splits["train"]
+        base_seed = tf.constant(seed, tf.int64)
+
+        if train.in_memory:
+            images, labels = self._in_memory("train")
+            size = train.size
+
+            def epoch_batches(epoch):
+                epoch_seed = tf.stack([base_seed, epoch])
+                order = tf.random.experimental.stateless_shuffle(
+                    tf.range(size), seed=tf.random.experimental.stateless_fold_in(epoch_seed, 0))
+                return _with_seeds(
+                    tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop), epoch_seed)
+
+            def assemble(batch_seed, indices):
+                return batch_seed, tf.gather(images, indices), tf.gather(labels, indices)
+        else:
+            stream = train.stream
+            buffer_size = min(train.size, SHUFFLE_BUFFER)
+
+            def epoch_batches(epoch):
+                epoch_seed = tf.stack([base_seed, epoch])
+                shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0]
+                examples = stream().shuffle(buffer_size, seed=shuffle_seed,
+                                            reshuffle_each_iteration=False)
+                return _with_seeds(examples.batch(batch_size, drop), epoch_seed)
+
+            def assemble(batch_seed, batch):
+                return batch_seed, batch[0], batch[1]
+
+        def finish(batch_seed, *batch):
+            batch_seed, batch_images, batch_labels = assemble(batch_seed, *batch)
+            if augment:
+                batch_images = pad_crop_flip(batch_images, batch_seed,
+                                             pad=self._pad, flip=self._flip)
+            return self.normalize(batch_images), tf.cast(batch_labels, tf.int32)
+
+        dataset = (
+            tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
+            .flat_map(epoch_batches)
+            .map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=self._deterministic)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        return self._options(dataset)
+
+    def eval_batches(self, split: str, batch_size: int) -> tf.data.Dataset:
+        """Finite batches of `split` ("train", "validation", "test") in fixed order.
+
+        Returns:
+          `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`,
+          not augmented, last partial batch kept.
+        """
+        data = self._split(split)
+        if data.in_memory:
+            images, labels = self._in_memory(split)
+            dataset = tf.data.Dataset.range(data.size).batch(batch_size).map(
+                lambda indices: (tf.gather(images, indices), tf.gather(labels, indices)))
+        else:
+            dataset = data.stream().batch(batch_size)
+        dataset = dataset.map(
+            lambda batch_images, batch_labels: (self.normalize(batch_images),
+                                                tf.cast(batch_labels, tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        ).prefetch(tf.data.AUTOTUNE)
+        return self._options(dataset)
+
+    def raw_examples(self, split: str) -> tf.data.Dataset:
+        """Single raw examples `(uint8 [H, W, C], int32 label)` of `split` in fixed order."""
+        data = self._split(split)
+        if data.in_memory:
+            images, labels = self._in_memory(split)
+            return tf.data.Dataset.from_tensor_slices((images, labels))
+        return data.stream()
+
+    def raw_images(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw pixels of `split` in fixed order (export calibration and verification).
+
+        Returns:
+          uint8 images `[n, H, W, C]` and int32 labels `[n]`, n = min(limit, split size).
+        """
+        data = self._split(split)
+        count = data.size if limit is None else min(limit, data.size)
+        if data.in_memory:
+            return data.images[:count], data.labels[:count]
+        chunks = list(data.stream().take(count).batch(4096).as_numpy_iterator())
+        return (np.concatenate([c[0] for c in chunks]).astype(np.uint8),
+                np.concatenate([c[1] for c in chunks]).astype(np.int32))
+
+
+
+def _with_seeds(batches: tf.data.Dataset, epoch_seed: tf.Tensor) -> tf.data.Dataset:
+    """Pairs each batch of an epoch with its augmentation seed, from (seed, epoch, index)."""
+    augment_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 1)
+    return batches.enumerate().map(
+        lambda index, batch: (tf.random.experimental.stateless_fold_in(augment_seed, index),
+                              batch))
+
+
+def _hold_out(split: SourceSplit, validation_size: int, seed: int
+              ) -> tuple[SourceSplit, SourceSplit]:
+    """Splits `split` into (train, validation) with a permutation seeded by `seed`."""
+    if validation_size >= split.size:
+        raise DataError(f"data.validation_size={validation_size} leaves no training images "
+                        f"(the train split holds {split.size}); expected < {split.size}")
+    chosen = np.random.default_rng(seed).permutation(split.size)[:validation_size]
+    is_validation = np.zeros(split.size, bool)
+    is_validation[chosen] = True
+    parts = []
+    for keep in (~is_validation, is_validation):
+        labels = split.labels[keep]
+        if split.in_memory:
+            parts.append(SourceSplit(size=len(labels), labels=labels, images=split.images[keep]))
+        else:
+            parts.append(SourceSplit(size=len(labels), labels=labels,
+                                     stream=_filtered(split.stream, keep)))
+    return parts[0], parts[1]
+
+
+def _filtered(stream, keep: np.ndarray):
+    def filtered() -> tf.data.Dataset:
+        mask = tf.constant(keep)
+        return (stream().enumerate()
+                .filter(lambda index, example: mask[index])
+                .map(lambda index, example: example))
+    return filtered
+
+
+def _statistics(split: SourceSplit, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of [0, 1] pixels over every pixel of `split`."""
+    total = np.zeros(channels)
+    total_squares = np.zeros(channels)
+    if split.in_memory:
+        chunks = (split.images[i:i + 4096] for i in range(0, split.size, 4096))
+    else:
+        chunks = (c[0] for c in split.stream().batch(4096).as_numpy_iterator())
+    count = 0
+    for chunk in chunks:
+        pixels = chunk.reshape(-1, channels).astype(np.float64) / 255.0
+        total += pixels.sum(axis=0)
+        total_squares += np.square(pixels).sum(axis=0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_squares / count - np.square(mean), 0.0))
+    std = np.where(std > 0, std, 1.0)  # A constant channel is left unscaled.
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _load_source(data_config: config_lib.DataConfig) -> SourceData:
+    source, data_dir = data_config.source, data_config.data_dir
+    if source == "fashion_mnist":
+        return fashion_mnist.load(data_dir or config_lib.FASHION_MNIST_DIR)
+    if source == "tfds":
+        return tfds_source.load(data_config.name, data_dir, cache=data_config.cache)
+    if data_dir is None:
+        raise ConfigError(f"data.data_dir is required for data.source={source!r}")
+    if source == "tfrecord":
+        return tfrecord.load(data_dir, cache=data_config.cache, name=data_config.name)
+    return image_folder.load(data_dir, cache=data_config.cache, name=data_config.name)
+
+
+def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -> ImageDataset:
+    """Loads, validates and wraps the dataset described by `data_config`.
+
+    Args:
+      data_config: source, directory, normalisation, augmentation and feeding options.
+      seed: seed of the validation hold-out (the training order is seeded separately,
+        by `train_batches(seed=...)`).
+
+    Returns:
+      ImageDataset with splits "train", "test" and, when `validation_size > 0`,
+      "validation".
+
+    Raises:
+      DataError: missing or malformed data (the message names the file/record/value).
+      ConfigError: settings that do not fit the data (e.g. "cifar10" normalisation on
+        a dataset without 3 channels).
+    """
+    source = _load_source(data_config)
+    channels = source.image_shape[-1]
+    if data_config.normalization == "none":
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    elif data_config.normalization == "cifar10":
+        if channels != 3:
+            raise ConfigError(f"data.normalization='cifar10' needs 3-channel images; "
+                              f"{source.name!r} has {channels} channel(s)")
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    elif (data_config.source in ("fashion_mnist", "tfds") and source.name in KNOWN_STATISTICS
+          and len(KNOWN_STATISTICS[source.name][0]) == channels):
+        mean, std = KNOWN_STATISTICS[source.name]
+    elif source.mean is not None and len(source.mean) == channels:
+        mean, std = source.mean, source.std
+    else:
+        mean, std = _statistics(source.splits["train"], channels)
+
+    splits = {"train": source.splits["train"]}
+    if data_config.validation_size > 0:
+        splits["train"], splits["validation"] = _hold_out(
+            source.splits["train"], data_config.validation_size, seed)
+    splits["test"] = source.splits["test"]
+    info = DatasetInfo(
+        name=source.name,
+        num_classes=len(source.class_names),
+        image_shape=tuple(source.image_shape),
+        class_names=tuple(source.class_names),
+        split_sizes={split: data.size for split, data in splits.items()},
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    return ImageDataset(
+        info,
+        splits,
+        pad=data_config.pad,
+        flip=data_config.flip,
+        deterministic=data_config.deterministic,
+        drop_remainder=data_config.drop_remainder,
+    )

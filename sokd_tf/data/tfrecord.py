@@ -1,0 +1,355 @@
+"""Sharded TFRecord files of tf.Example: reading and writing.
+
+Data-dir convention:
+  data_dir/train-*.tfrecord   training shards (also accepted: train.tfrecord)
+  data_dir/test-*.tfrecord    test shards (also accepted: test.tfrecord)
+  data_dir/dataset_info.json  optional metadata written by `write_dataset_info` /
+                              `pipelines/make_tfrecords.py`: name, num_classes,
+                              class_names, image_shape, image_key, label_key, mean, std
+  data_dir/classes.txt        optional, one class name per line (used when there is
+                              no dataset_info.json)
+
+Shards are read in sorted name order, records in file order. Each tf.Example carries
+the encoded image (PNG/JPEG/BMP/GIF bytes) under `image_key` (default `image/encoded`)
+and the int64 class under `label_key` (default `image/class/label`), the common
+image-classification convention (TF Model Garden, TF Serving examples). The class count
+is, in order of preference: dataset_info.json, classes.txt, largest label + 1.
+
+The writer shards contiguously (shard i holds a contiguous range of examples), so
+reading the shards back in order gives the examples in their original order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from sokd_tf.data.decode import check_images, decode_dataset, decode_to_array
+from sokd_tf.data.source import SourceData, SourceSplit, check_labels, check_split_sizes
+from sokd_tf.errors import DataError
+
+IMAGE_KEY = "image/encoded"
+LABEL_KEY = "image/class/label"
+INFO_FILE = "dataset_info.json"
+CLASSES_FILE = "classes.txt"
+IMAGE_FORMATS = ("png", "jpeg")
+SPLITS = ("train", "test")
+
+
+def split_files(data_dir: str, split: str) -> list[str]:
+    """Sorted shard paths of `split` (`{split}-*.tfrecord` or `{split}.tfrecord`)."""
+    files = tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord"))
+    single = os.path.join(data_dir, f"{split}.tfrecord")
+    if tf.io.gfile.exists(single):
+        files.append(single)
+    return sorted(files)
+
+
+def _read_metadata(data_dir: str) -> dict:
+    path = os.path.join(data_dir, INFO_FILE)
+    if tf.io.gfile.exists(path):
+        try:
+            with tf.io.gfile.GFile(path) as handle:
+                metadata = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(metadata, dict):
+            raise DataError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+        return metadata
+    path = os.path.join(data_dir, CLASSES_FILE)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as handle:
+            names = [line.strip() for line in handle if line.strip()]
+        if not names:
+            raise DataError(f"{path}: no class names (expected one name per line)")
+        return {"class_names": names}
+    return {}
+
+
+class _Records:
+    """The records of one split, addressable by global position."""
+
+    def __init__(self, files: list[str]):
+        self.files = files
+        self.starts = [0]
+        for path in files:
+            self.starts.append(self.starts[-1] + _count_tfrecords(path))
+
+    @property
+    def size(self) -> int:
+        return self.starts[-1]
+
+    def describe(self, position: int) -> str:
+        index = bisect.bisect_right(self.starts, position) - 1
+        return f"{self.files[index]}, record {position - self.starts[index]}"
+
+    def dataset(self) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(self.files)
+
+    def example(self, position: int) -> tf.train.Example:
+        raw = next(iter(self.dataset().skip(position).take(1))).numpy()
+        return tf.train.Example.FromString(raw)
+
+
+def _count_tfrecords(path: str) -> int:
+    try:
+        return int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+    except tf.errors.OpError as error:
+        raise DataError(f"{path}: corrupt or truncated TFRecord file "
+                        f"({error.message.splitlines()[0]})") from error
+
+
+def _parse_labels(records: _Records, image_key: str, label_key: str) -> np.ndarray:
+    """Checks every record for the two features; returns the labels `[n]` int32."""
+    spec = {image_key: tf.io.VarLenFeature(tf.string), label_key: tf.io.VarLenFeature(tf.int64)}
+
+    def counts(position, serialized):
+        features = tf.io.parse_single_example(serialized, spec)
+        labels = features[label_key].values
+        return (position, tf.size(features[image_key].values), tf.size(labels),
+                tf.concat([labels, [-1]], 0)[0])
+
+    parsed = (records.dataset().enumerate()
+              .map(counts, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .ignore_errors().batch(8192))
+    chunks = list(parsed.as_numpy_iterator())
+    positions, image_counts, label_counts, labels = (
+        np.concatenate([chunk[column] for chunk in chunks]) if chunks
+        else np.zeros([0], np.int64)
+        for column in range(4)
+    )
+    expected = (f"expected a tf.Example with a bytes feature {image_key!r} (one encoded image) "
+                f"and an int64 feature {label_key!r} (one label)")
+    if len(positions) < records.size:
+        position = int(np.setdiff1d(np.arange(records.size), positions)[0])
+        raw = next(iter(records.dataset().skip(position).take(1)))
+        try:
+            tf.io.parse_single_example(raw, spec)
+            reason = "unparsable record"
+        except tf.errors.InvalidArgumentError as error:
+            reason = error.message.splitlines()[0]
+        raise DataError(f"{records.describe(position)}: {reason}; {expected}")
+    bad = np.flatnonzero((image_counts != 1) | (label_counts != 1))
+    if bad.size:
+        position = int(positions[bad[0]])
+        try:
+            present = sorted(records.example(position).features.feature.keys())
+        except Exception:  # noqa: BLE001 - only used to enrich the message.
+            present = "?"
+        raise DataError(f"{records.describe(position)}: has {int(image_counts[bad[0]])} value(s) "
+                        f"under {image_key!r} and {int(label_counts[bad[0]])} under "
+                        f"{label_key!r} (features present: {present}); {expected}")
+    return labels.astype(np.int32)
+
+
+def load(
+    data_dir: str,
+    *,
+    cache: bool = True,
+    name: str = "tfrecord",
+    image_key: str | None = None,
+    label_key: str | None = None,
+) -> SourceData:
+    """Reads and validates the train and test splits of a TFRecord dataset.
+
+    Every record is parsed and every image decoded once up front, so a malformed dataset
+    fails here, with the file and record named, not in the middle of training.
+
+    Args:
+      data_dir: directory laid out as in the module docstring.
+      cache: keep decoded images in memory (else they are decoded again every epoch).
+      name: dataset label when dataset_info.json does not name one.
+      image_key, label_key: feature keys; None = dataset_info.json's, else the defaults.
+
+    Raises:
+      DataError: missing directory or shards, records without the expected features,
+        undecodable images, images of different shapes, labels outside
+        [0, num_classes), empty splits.
+    """
+    if not tf.io.gfile.isdir(data_dir):
+        raise DataError(f"TFRecord directory {data_dir} does not exist")
+    metadata = _read_metadata(data_dir)
+    image_key = image_key or metadata.get("image_key", IMAGE_KEY)
+    label_key = label_key or metadata.get("label_key", LABEL_KEY)
+    records, labels = {}, {}
+    for split in SPLITS:
+        files = split_files(data_dir, split)
+        if not files:
+            raise DataError(f"no TFRecord files for split {split!r} in {data_dir}: expected "
+                            f"{split}-*.tfrecord (e.g. written by pipelines/make_tfrecords.py)")
+        records[split] = _Records(files)
+        if records[split].size == 0:
+            raise DataError(f"split {split!r} is empty: {files} hold no records "
+                            f"(expected >= 1 image)")
+        labels[split] = _parse_labels(records[split], image_key, label_key)
+
+    class_names = metadata.get("class_names")
+    num_classes = metadata.get("num_classes", len(class_names) if class_names else None)
+    if num_classes is None:
+        num_classes = int(max(labels[s].max() for s in SPLITS)) + 1
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise DataError(f"{os.path.join(data_dir, INFO_FILE)}: {len(class_names)} class "
+                        f"names for num_classes={num_classes}; expected one name per class")
+    for split in SPLITS:
+        check_labels(labels[split], num_classes, records[split].describe)
+
+    expected_shape = metadata.get("image_shape")
+    expected_shape = tuple(int(d) for d in expected_shape) if expected_shape else None
+    expected_from = os.path.join(data_dir, INFO_FILE)
+    splits = {}
+    for split in SPLITS:
+        encoded = _encoded_images(records[split], image_key)
+        expected_shape = check_images(encoded, records[split].size, records[split].describe,
+                                      expected_shape, expected_from)
+        expected_from = "the train split"
+        if cache:
+            splits[split] = SourceSplit(size=records[split].size, labels=labels[split],
+                                        images=decode_to_array(encoded, expected_shape))
+        else:
+            splits[split] = SourceSplit(
+                size=records[split].size, labels=labels[split],
+                stream=_streamer(encoded, labels[split], expected_shape))
+    check_split_sizes(name, splits)
+    mean, std = metadata.get("mean"), metadata.get("std")
+    return SourceData(
+        name=metadata.get("name", name),
+        class_names=tuple(str(c) for c in class_names),
+        image_shape=expected_shape,
+        splits=splits,
+        mean=tuple(float(m) for m in mean) if mean else None,
+        std=tuple(float(s) for s in std) if std else None,
+    )
+
+
+def _encoded_images(records: _Records, image_key: str) -> tf.data.Dataset:
+    spec = {image_key: tf.io.FixedLenFeature([], tf.string)}
+    return records.dataset().map(lambda raw: tf.io.parse_single_example(raw, spec)[image_key],
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _streamer(encoded, labels, image_shape):
+    def stream() -> tf.data.Dataset:
+        return tf.data.Dataset.zip(decode_dataset(encoded, image_shape),
+                                   tf.data.Dataset.from_tensor_slices(labels))
+    return stream
+
+
+def _encode(image: tf.Tensor, image_format: str) -> tf.Tensor:
+    if image_format == "png":
+        return tf.io.encode_png(image)
+    return tf.io.encode_jpeg(image, quality=95)
+
+
+def make_example(encoded: bytes, label: int, *, image_key: str = IMAGE_KEY,
+                 label_key: str = LABEL_KEY) -> tf.train.Example:
+    """One tf.Example in the module's convention."""
+    return tf.train.Example(features=tf.train.Features(feature={
+        image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+        label_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    }))
+
+
+def write_tfrecords(
+    data: tf.data.Dataset | tuple[np.ndarray, np.ndarray],
+    out_dir: str,
+    split: str,
+    num_shards: int = 1,
+    *,
+    image_format: str = "png",
+    image_key: str = IMAGE_KEY,
+    label_key: str = LABEL_KEY,
+) -> list[str]:
+    """Writes `(image, label)` examples as sharded TFRecords `{split}-XXXXX-of-YYYYY.tfrecord`.
+
+    Args:
+      data: uint8 images `[n, height, width, channels]` and integer labels `[n]`, or a
+        `tf.data.Dataset` of single `(uint8 image [height, width, channels], label)`.
+      out_dir: output directory (created).
+      split: split name, the file prefix ("train", "test").
+      num_shards: number of files; examples are split into contiguous ranges.
+      image_format: "png" (lossless) or "jpeg" (quality 95).
+      image_key, label_key: feature keys.
+
+    Returns:
+      The written paths, in order.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise DataError(f"image_format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
+    if num_shards < 1:
+        raise DataError(f"num_shards must be >= 1, got {num_shards}")
+    if isinstance(data, tf.data.Dataset):
+        dataset = data
+        size = int(dataset.cardinality())
+        if size < 0:
+            size = int(dataset.reduce(np.int64(0), lambda n, _: n + 1))
+    else:
+        images, labels = data
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels; expected equal")
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+        size = len(labels)
+    dataset = dataset.map(lambda image, label: (_encode(tf.cast(image, tf.uint8), image_format),
+                                                tf.cast(label, tf.int64)),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+                              tf.data.AUTOTUNE)
+    tf.io.gfile.makedirs(out_dir)
+    num_shards = max(1, min(num_shards, size)) if size else 1
+    bounds = [size * i // num_shards for i in range(num_shards + 1)]
+    paths = [os.path.join(out_dir, f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord")
+             for i in range(num_shards)]
+    shard, writer = 0, tf.io.TFRecordWriter(paths[0])
+    try:
+        for position, (encoded, label) in enumerate(dataset.as_numpy_iterator()):
+            while position >= bounds[shard + 1]:
+                writer.close()
+                shard += 1
+                writer = tf.io.TFRecordWriter(paths[shard])
+            writer.write(make_example(encoded, label, image_key=image_key,
+                                      label_key=label_key).SerializeToString())
+        while shard < num_shards - 1:
+            writer.close()
+            shard += 1
+            writer = tf.io.TFRecordWriter(paths[shard])
+    finally:
+        writer.close()
+    return paths
+
+
+def write_dataset_info(
+    out_dir: str,
+    *,
+    name: str,
+    class_names: Sequence[str],
+    image_shape: Sequence[int],
+    split_sizes: dict[str, int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    image_key: str = IMAGE_KEY,
+    label_key: str = LABEL_KEY,
+) -> str:
+    """Writes `dataset_info.json`, the metadata `load` prefers; returns its path."""
+    metadata = {
+        "name": name,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "image_shape": [int(d) for d in image_shape],
+        "image_key": image_key,
+        "label_key": label_key,
+    }
+    if split_sizes is not None:
+        metadata["split_sizes"] = dict(split_sizes)
+    if mean is not None:
+        metadata["mean"] = [float(m) for m in mean]
+        metadata["std"] = [float(s) for s in std]
+    tf.io.gfile.makedirs(out_dir)
+    path = os.path.join(out_dir, INFO_FILE)
+    with tf.io.gfile.GFile(path, "w") as handle:
+        json.dump(metadata, handle, indent=2)
+    return path
