@@ -1,0 +1,234 @@
+"""Strategies, chief/worker files, the multi-worker loop and resume.
+
+Tests that need several replicas run in subprocesses (`tests/distributed_worker.py`):
+logical CPU devices must be configured before TensorFlow initialises, and a
+`MultiWorkerMirroredStrategy` needs one process per worker. Every subprocess has a
+timeout and is killed when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sokd_tf import custom_loop, distribute
+from sokd_tf.errors import ConfigError
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBPROCESS_TIMEOUT_S = 240
+
+
+# --- in-process: a tiny model with the distillers' loss convention -----------------
+
+
+class TinyClassifier(keras.Model):
+    """Dense -> BN -> Dense with a custom train_step scaled by the global batch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8),
+                keras.layers.BatchNormalization(synchronized=True),
+                keras.layers.Dense(3),
+            ]
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.built = True
+
+    def call(self, images, training=False):
+        return self.net(images, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def train_step(self, data):
+        images, labels = data
+        local_batch = tf.cast(tf.shape(images)[0], "float32")
+        global_batch = tf.distribute.get_replica_context().all_reduce("SUM", local_batch)
+        with tf.GradientTape() as tape:
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                labels, self(images, training=True), from_logits=True
+            )
+            loss = tf.reduce_sum(per_example) / global_batch
+        variables = self.net.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        self.loss_tracker.update_state(per_example)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        images, labels = data
+        per_example = keras.losses.sparse_categorical_crossentropy(
+            labels, self(images, training=False), from_logits=True
+        )
+        self.loss_tracker.update_state(per_example)
+        return {"loss": self.loss_tracker.result()}
+
+
+def _tiny_data(size=48, batch=16):
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(size, 4)).astype("float32")
+    labels = rng.integers(0, 3, size).astype("int32")
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch).repeat()
+    validation = tf.data.Dataset.from_tensor_slices((images[:40], labels[:40])).batch(batch)
+    return train, validation
+
+
+def _tiny_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = TinyClassifier()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    return model
+
+
+def _weights(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def _assert_same_weights(first, second, atol=1e-6):
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=0)
+
+
+# --- strategy and precision helpers -------------------------------------------------
+
+
+def test_make_strategy_rejects_unknown_names_and_stray_devices():
+    with pytest.raises(ConfigError, match="train.strategy"):
+        distribute.make_strategy("horovod")
+    with pytest.raises(ConfigError, match="mirrored"):
+        distribute.make_strategy("default", devices=["/cpu:0"])
+
+
+def test_default_strategy_is_single_process_chief():
+    strategy = distribute.make_strategy("default")
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.is_chief(strategy)
+    assert not distribute.is_multi_worker(strategy)
+    assert not distribute.uses_custom_loop(strategy)
+
+
+def test_synchronized_bn_resolution():
+    strategy = distribute.make_strategy("default")
+    assert distribute.use_synchronized_bn(None, strategy) is False
+    assert distribute.use_synchronized_bn(True, strategy) is True
+    assert distribute.use_synchronized_bn(False, strategy) is False
+
+
+def test_set_precision_sets_and_rejects():
+    try:
+        policy = distribute.set_precision("mixed_bfloat16")
+        assert policy.compute_dtype == "bfloat16"
+        assert policy.variable_dtype == "float32"
+        assert keras.layers.Dense(2).dtype_policy.compute_dtype == "bfloat16"
+        with pytest.raises(ConfigError, match="train.precision"):
+            distribute.set_precision("float8")
+    finally:
+        distribute.set_precision("float32")
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_chief_writes_to_base(tmp_path):
+    strategy = distribute.make_strategy("default")
+    base = str(tmp_path / "checkpoints")
+    assert distribute.worker_checkpoint_dir(base, strategy) == base
+    assert os.path.isdir(base)
+    distribute.remove_worker_checkpoint_dir(base, base)
+    assert os.path.isdir(base), "the chief's directory is never removed"
+
+
+def test_read_backup_epoch(tmp_path):
+    assert distribute.read_backup_epoch(str(tmp_path)) == 0
+    (tmp_path / "training_metadata.json").write_text(json.dumps({"epoch": 7}))
+    assert distribute.read_backup_epoch(str(tmp_path)) == 7
+
+
+# --- the custom loop against Keras' fit (one process) -------------------------------
+
+
+def test_custom_loop_matches_keras_fit():
+    train, validation = _tiny_data()
+    strategy = tf.distribute.get_strategy()
+
+    reference = _tiny_model()
+    expected = reference.fit(
+        train, epochs=2, steps_per_epoch=3, validation_data=validation, verbose=0
+    ).history
+
+    model = _tiny_model()
+    history = custom_loop.fit(
+        model, train, strategy=strategy, epochs=2, steps_per_epoch=3,
+        validation_data=validation,
+    ).history
+
+    assert set(history) == {"loss", "val_loss"}
+    for key in expected:
+        np.testing.assert_allclose(history[key], expected[key], rtol=1e-6)
+    _assert_same_weights(_weights(model), _weights(reference))
+    assert model.optimizer.iterations.numpy() == 6
+    evaluated = custom_loop.evaluate(model, validation, strategy=strategy)
+    np.testing.assert_allclose(evaluated["loss"], history["val_loss"][-1], rtol=1e-6)
+
+
+def test_custom_loop_calls_callbacks_like_fit(tmp_path):
+    train, _ = _tiny_data()
+    csv_path = str(tmp_path / "history.csv")
+    seen = []
+    model = _tiny_model()
+    custom_loop.fit(
+        model, train, strategy=tf.distribute.get_strategy(), epochs=3, steps_per_epoch=2,
+        initial_epoch=1,
+        callbacks=[
+            keras.callbacks.CSVLogger(csv_path),
+            keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append(epoch)),
+        ],
+    )
+    assert seen == [1, 2]
+    with open(csv_path) as f:
+        rows = f.read().splitlines()
+    # Keras' CSVLogger always adds val_ columns (empty without validation data).
+    assert rows[0].split(",")[:2] == ["epoch", "loss"]
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+
+
+@pytest.mark.parametrize("loop", ["keras_fit", "custom_loop"])
+def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, loop):
+    train, _ = _tiny_data()
+    strategy = tf.distribute.get_strategy()
+
+    def run(model, epochs, callbacks):
+        if loop == "keras_fit":
+            return model.fit(
+                train, epochs=epochs, steps_per_epoch=3, callbacks=callbacks, verbose=0
+            )
+        return custom_loop.fit(
+            model, train, strategy=strategy, epochs=epochs, steps_per_epoch=3,
+            callbacks=callbacks,
+        )
+
+    uninterrupted = _tiny_model()
+    run(uninterrupted, 3, [])
+
+    backup_dir = str(tmp_path / "backup")
+    first = _tiny_model()
+    run(first, 2, [distribute.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)])
+    assert distribute.read_backup_epoch(backup_dir) == 2
+
+    # A fresh process would rebuild the model with different random weights.
+    resumed = _tiny_model(seed=99)
+    # The interrupted run's data iterator had consumed 2 epochs: skip them here.
+    train = train.skip(6)
+    history = run(resumed, 3, [distribute.BackupAndRestore(backup_dir, strategy)])
+    assert len(history.history["loss"]) == 1, "only the third epoch runs after the resume"
+    assert resumed.optimizer.iterations.numpy() == 9
+    _assert_same_weights(_weights(resumed), _weights(uninterrupted))
+    assert not os.path.exists(backup_dir), "delete_checkpoint removes the backup at the end"
