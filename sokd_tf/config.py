@@ -234,6 +234,9 @@ class ExportConfig:
       representative_size: training images used to calibrate full-integer int8.
       qat_epochs: epochs of the quantization-aware fine-tune (variant "qat_int8").
       qat_learning_rate: SGD rate of the QAT fine-tune.
+      qat_batch_size: images per QAT fine-tune step.
+      qat_max_steps: cap on the QAT fine-tune's steps (None = `qat_epochs` full passes
+        over the training images handed to the export).
       latency_runs: single-image LiteRT invocations timed per variant (median reported).
     """
 
@@ -243,6 +246,8 @@ class ExportConfig:
     representative_size: int = 500
     qat_epochs: int = 1
     qat_learning_rate: float = 1e-3
+    qat_batch_size: int = 128
+    qat_max_steps: int | None = None
     latency_runs: int = 200
 
     def __post_init__(self):
@@ -252,6 +257,10 @@ class ExportConfig:
             _check_range("export.version", self.version, low=1)
         _check_range("export.representative_size", self.representative_size, low=1)
         _check_range("export.qat_epochs", self.qat_epochs, low=0)
+        _check_range("export.qat_learning_rate", self.qat_learning_rate, low=0.0, strict=True)
+        _check_range("export.qat_batch_size", self.qat_batch_size, low=1)
+        if self.qat_max_steps is not None:
+            _check_range("export.qat_max_steps", self.qat_max_steps, low=0)
         _check_range("export.latency_runs", self.latency_runs, low=1)
 
 

@@ -1,0 +1,249 @@
+"""One call from a trained student to every deployment artifact and `report.json`.
+
+    export_dir/serving/<model_name>/<version>/   SavedModel (TF Serving layout)
+    export_dir/tflite/<variant>.tflite           LiteRT files, raw-pixel inputs
+    export_dir/report.json                       sizes, accuracies, agreement, latencies
+
+Everything is validated before anything is written, and a failure part-way removes what
+this call created (the new version directory, staged .tflite files), so a bad input
+leaves the export directory as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sokd_tf.config import ExportConfig
+from sokd_tf.data.info import DatasetInfo
+from sokd_tf.errors import ExportError
+from sokd_tf.export import qat, saved_model, serving, tflite
+from sokd_tf.export.preprocess import check_images, normalize_numpy
+from sokd_tf.export.report import add_ratios
+
+REPORT_FILE = "report.json"
+
+
+def load_student(path: str) -> keras.Model:
+    """Loads a student `.keras` file, turning every failure into an `ExportError`.
+
+    Raises:
+      ExportError: the file does not exist (no trained student), or is not a loadable
+        Keras model (corrupt, truncated, another format).
+    """
+    if not os.path.isfile(path):
+        raise ExportError(
+            f"no trained student at {path!r}: train/distill first or pass the student's "
+            ".keras file"
+        )
+    try:
+        student = keras.saving.load_model(path, compile=False)
+    except Exception as err:  # zip, h5 and deserialization errors alike
+        raise ExportError(f"could not load the student {path!r} (corrupt or not a .keras "
+                          f"model file): {type(err).__name__}: {err}") from err
+    if not isinstance(student, keras.Model):
+        raise ExportError(f"{path!r} holds a {type(student).__name__}, not a Keras model")
+    return student
+
+
+def check_student(student: keras.Model, info: DatasetInfo) -> None:
+    """Raises ExportError unless `student` maps `info.image_shape` images to class logits."""
+    if not isinstance(student, keras.Model) or len(student.inputs or []) != 1:
+        raise ExportError("the student must be a functional keras.Model with one image input")
+    input_shape = tuple(student.inputs[0].shape[1:])
+    if input_shape != tuple(info.image_shape):
+        raise ExportError(
+            f"student {student.name!r} takes images of shape {input_shape} but dataset "
+            f"{info.name!r} has {tuple(info.image_shape)}"
+        )
+    output_shape = tuple(student.outputs[0].shape[1:])
+    if output_shape != (info.num_classes,):
+        raise ExportError(
+            f"student {student.name!r} outputs {output_shape} but dataset {info.name!r} has "
+            f"{info.num_classes} classes"
+        )
+
+
+def verify_saved_model(
+    version_dir: str, images_uint8: np.ndarray, reference_logits: np.ndarray, *,
+    example_limit: int = 256,
+) -> dict:
+    """Runs both signatures of the written SavedModel against the Keras logits.
+
+    Returns:
+      Per signature: `agreement` (class agreement with Keras), `max_abs_logit_error`,
+      `num_examples`.
+    """
+    loaded = tf.saved_model.load(version_dir)
+    results = {}
+    outputs = []
+    for start in range(0, len(images_uint8), 512):
+        batch = tf.constant(images_uint8[start : start + 512])
+        outputs.append(loaded.signatures["serving_default"](images=batch)["logits"].numpy())
+    logits = np.concatenate(outputs)
+    results["serving_default"] = _compare(logits, reference_logits)
+    count = min(example_limit, len(images_uint8))
+    examples = np.array(
+        [serving.image_example(serving.encode_png(image)) for image in images_uint8[:count]],
+        dtype=object,
+    )
+    logits = loaded.signatures[serving.EXAMPLES_SIGNATURE](examples=tf.constant(examples))
+    results[serving.EXAMPLES_SIGNATURE] = _compare(
+        logits["logits"].numpy(), reference_logits[:count]
+    )
+    return results
+
+
+def _compare(logits: np.ndarray, reference_logits: np.ndarray) -> dict:
+    return {
+        "agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(reference_logits, -1))),
+        "max_abs_logit_error": float(np.max(np.abs(logits - reference_logits))),
+        "num_examples": int(len(logits)),
+    }
+
+
+def export_student(
+    student: keras.Model,
+    info: DatasetInfo,
+    export_dir: str,
+    export_config: ExportConfig,
+    *,
+    train_images_uint8: np.ndarray,
+    test_images_uint8: np.ndarray,
+    test_labels: np.ndarray,
+) -> dict:
+    """Writes the SavedModel, every configured .tflite variant and `report.json`.
+
+    Args:
+      student: trained functional Keras 3 model, normalised images `[batch, H, W, C]`
+        float32 -> logits `[batch, num_classes]`.
+      info: dataset facts; the normalisation is folded into every artifact.
+      export_dir: `workdir/export`.
+      export_config: model name, version, variants, calibration and QAT settings.
+      train_images_uint8: `[n, H, W, C]` raw training images: the representative
+        dataset (`representative_size` drawn from them) and the QAT fine-tune data.
+      test_images_uint8: `[m, H, W, C]` raw test images for verification.
+      test_labels: `[m]` integer labels.
+
+    Returns:
+      The report (also written to `export_dir/report.json`).
+
+    Raises:
+      ExportError: wrong student, bad images or labels, an existing version, a failed
+        conversion. Nothing this call created is left behind.
+    """
+    check_student(student, info)
+    needs_training_images = any(
+        v in tflite.FULL_INTEGER_VARIANTS for v in export_config.tflite_variants
+    )
+    if needs_training_images:
+        train_images_uint8 = check_images(
+            train_images_uint8, info, "representative dataset (training images)"
+        )
+    test_images_uint8 = check_images(test_images_uint8, info, "test images")
+    test_labels = np.asarray(test_labels).reshape(-1)
+    if len(test_labels) != len(test_images_uint8):
+        raise ExportError(
+            f"test labels ({len(test_labels)}) and test images ({len(test_images_uint8)}) "
+            "differ in number"
+        )
+    model_dir = os.path.join(export_dir, "serving", export_config.model_name)
+    # Resolve now so a taken version fails before any work.
+    version = serving.next_version(model_dir, export_config.version)
+
+    reference_logits = student.predict(
+        normalize_numpy(test_images_uint8, info), batch_size=256, verbose=0
+    )
+    reference_classes = np.argmax(reference_logits, axis=-1)
+    created = []
+    os.makedirs(export_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=export_dir)
+    try:
+        version_dir = saved_model.export_saved_model(
+            student, info, os.path.join(export_dir, "serving"), export_config.model_name,
+            version=version, warmup_images_uint8=test_images_uint8[:8],
+        )
+        created.append(version_dir)
+        report = {
+            "model_name": export_config.model_name,
+            "version": version,
+            "dataset": info.name,
+            "num_test_examples": int(len(test_labels)),
+            "keras": {"top1": float(np.mean(reference_classes == test_labels))},
+            "saved_model": {
+                "path": version_dir,
+                "signatures": ["serving_default", serving.EXAMPLES_SIGNATURE],
+                "inputs": {
+                    "serving_default": f"{serving.IMAGES_INPUT}: uint8 [batch, "
+                    f"{', '.join(map(str, info.image_shape))}] raw pixels",
+                    serving.EXAMPLES_SIGNATURE: f"{serving.EXAMPLES_INPUT}: serialized "
+                    "tf.Example strings [batch] with PNG/JPEG bytes under image/encoded",
+                },
+                "outputs": ["logits", "probabilities", "classes"],
+                "verification": verify_saved_model(version_dir, test_images_uint8,
+                                                   reference_logits),
+            },
+            "tflite": {},
+        }
+        staged = _convert_variants(
+            student, info, export_config, train_images_uint8, staging, report
+        )
+        for variant, path in staged.items():
+            report["tflite"][variant] = tflite.evaluate_tflite(
+                path, test_images_uint8, test_labels,
+                reference_classes=reference_classes,
+                latency_runs=export_config.latency_runs,
+            )
+        add_ratios(report)
+        tflite_dir = os.path.join(export_dir, "tflite")
+        os.makedirs(tflite_dir, exist_ok=True)
+        for variant, path in staged.items():
+            final = os.path.join(tflite_dir, f"{variant}.tflite")
+            os.replace(path, final)
+            report["tflite"][variant]["path"] = final
+        _write_json(os.path.join(export_dir, REPORT_FILE), report)
+    except BaseException:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _convert_variants(student, info, export_config, train_images_uint8, staging, report):
+    staged = {}
+    for variant in export_config.tflite_variants:
+        model = student
+        if variant == "qat_int8":
+            model, report["qat"] = qat.quantization_aware_finetune(
+                student, info, train_images_uint8,
+                epochs=export_config.qat_epochs,
+                learning_rate=export_config.qat_learning_rate,
+                batch_size=export_config.qat_batch_size,
+                max_steps=export_config.qat_max_steps,
+            )
+        flatbuffer = tflite.convert_tflite(
+            variant, model, info,
+            representative_images_uint8=train_images_uint8,
+            representative_size=export_config.representative_size,
+        )
+        staged[variant] = tflite.write_tflite(
+            flatbuffer, os.path.join(staging, f"{variant}.tflite")
+        )
+    return staged
+
+
+def _write_json(path: str, value) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,105 @@
+"""Raw-pixel preprocessing folded into every exported graph, and input validation.
+
+Clients of an exported student send raw pixels (0-255) or encoded images; the
+normalisation `(pixels / 255 - mean) / std` of `DatasetInfo` lives inside the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from sokd_tf.data.info import DatasetInfo
+from sokd_tf.errors import ExportError
+
+IMAGE_FEATURE = "image/encoded"
+
+
+def normalize_pixels(pixels: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """Maps raw pixels to the student's normalised input.
+
+    Args:
+      pixels: `[batch, H, W, C]` raw pixels in [0, 255], any real or integer dtype.
+      info: supplies the per-channel `mean` and `std` (of pixels scaled to [0, 1]).
+
+    Returns:
+      `[batch, H, W, C]` float32 `(pixels / 255 - mean) / std`.
+    """
+    mean = tf.constant(info.mean, tf.float32)
+    std = tf.constant(info.std, tf.float32)
+    return (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
+
+
+def normalize_numpy(images_uint8: np.ndarray, info: DatasetInfo) -> np.ndarray:
+    """NumPy twin of `normalize_pixels` for feeding the Keras student directly."""
+    mean = np.asarray(info.mean, np.float32)
+    std = np.asarray(info.std, np.float32)
+    return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+def decode_examples(serialized: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """Decodes serialized `tf.Example`s carrying PNG/JPEG bytes under `image/encoded`.
+
+    Images of another size are resized (bilinear, antialiased) to `info.image_shape`;
+    grayscale/RGB are converted to the model's channel count by the decoder.
+
+    Args:
+      serialized: `[batch]` tf.string, serialized `tf.Example` protos.
+      info: supplies `image_shape` (H, W, C).
+
+    Returns:
+      `[batch, H, W, C]` float32 raw pixels in [0, 255].
+    """
+    height, width, channels = info.image_shape
+    features = tf.io.parse_example(
+        serialized, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+    )
+
+    def decode_one(encoded):
+        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+        image = tf.cast(image, tf.float32)
+        image = tf.image.resize(image, (height, width), antialias=True)
+        return tf.ensure_shape(image, (height, width, channels))
+
+    return tf.map_fn(
+        decode_one,
+        features[IMAGE_FEATURE],
+        fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
+    )
+
+
+def check_images(images: np.ndarray | None, info: DatasetInfo, what: str) -> np.ndarray:
+    """Validates a batch of raw images against the dataset's image shape.
+
+    Args:
+      images: `[n, H, W, C]` raw pixels (uint8, or any dtype with values in [0, 255]).
+      info: the dataset the student was trained on.
+      what: name of the argument, for the error message.
+
+    Returns:
+      The images as a uint8 array.
+
+    Raises:
+      ExportError: None, empty, wrong rank or shape, or values outside [0, 255].
+    """
+    if images is None:
+        raise ExportError(f"{what} is missing: {_expected(info)}")
+    images = np.asarray(images)
+    if images.ndim == 3 and info.image_shape[-1] == 1 and images.shape[1:] == info.image_shape[:2]:
+        images = images[..., None]
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(info.image_shape):
+        raise ExportError(f"{what} has shape {images.shape}: {_expected(info)}")
+    if images.shape[0] == 0:
+        raise ExportError(f"{what} is empty: {_expected(info)}")
+    if images.dtype != np.uint8:
+        if images.min() < 0 or images.max() > 255:
+            raise ExportError(
+                f"{what} holds values in [{images.min()}, {images.max()}]: expected raw "
+                "pixels in [0, 255], not normalised images"
+            )
+        images = images.astype(np.uint8)
+    return images
+
+
+def _expected(info: DatasetInfo) -> str:
+    return f"expected raw pixels [n >= 1, {', '.join(map(str, info.image_shape))}] in [0, 255]"

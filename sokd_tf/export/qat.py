@@ -1,0 +1,267 @@
+"""Quantization-aware fine-tuning of a distilled Keras 3 student (variant `qat_int8`).
+
+tensorflow-model-optimization (tfmot 0.8) rejects Keras 3 models, and Keras 3's own
+`quantize("int8")` covers Dense/EinsumDense/Embedding only and does not convert to
+LiteRT. The maintained route that works is tfmot on tf_keras (Keras 2):
+
+  1. `rebuild_in_tf_keras`: walk the Keras 3 functional graph and rebuild every
+     built-in layer in tf_keras from its config, then copy the distilled weights. The
+     rebuild is checked to reproduce the Keras 3 logits before anything else happens,
+     so the QAT student starts from the distilled student, never from fresh weights.
+  2. Annotate every layer except BatchNormalization (tfmot's default 8-bit scheme
+     cannot quantize a BatchNormalization that does not follow a convolution, as in
+     pre-activation ResNets) and `quantize_apply`.
+  3. Fine-tune briefly with the float student as the target (soft labels: the QAT
+     student learns to match the distilled student's predictions; no labels needed),
+     BatchNormalization frozen in inference mode.
+  4. Convert with the same raw-pixel, builtin-ops-only settings as `int8`.
+
+The rebuild is generic (any functional model of built-in Keras layers, nested
+functional models included) instead of a second hand-written architecture, so it cannot
+drift from the model builders.
+
+Reference: tfmot "Quantization aware training comprehensive guide" (annotate, apply).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+
+from sokd_tf.data.info import DatasetInfo
+from sokd_tf.errors import ExportError
+from sokd_tf.export.preprocess import check_images, normalize_numpy
+
+# Keras 3 config keys with no tf_keras counterpart that are harmless at their defaults.
+_IGNORED_AT_DEFAULT = {"lora_rank": None, "lora_alpha": None, "quantization_config": None}
+_BASE_LAYER_KEYS = {"name", "trainable", "dtype"}
+
+
+def _tf_keras():
+    # Imported lazily: tf_keras and tfmot are only needed for the QAT variant.
+    import tf_keras
+
+    return tf_keras
+
+
+def _tf_keras_layer(layer: keras.layers.Layer):
+    """A fresh tf_keras layer with the same class and config as a Keras 3 layer."""
+    tf_keras = _tf_keras()
+    layer_class = getattr(tf_keras.layers, type(layer).__name__, None)
+    if layer_class is None or type(layer).__module__.split(".")[0] != "keras":
+        raise ExportError(
+            f"QAT rebuild: layer {layer.name!r} of class {type(layer).__name__} has no "
+            "tf_keras counterpart; only built-in Keras layers can be rebuilt"
+        )
+    accepted = set(_BASE_LAYER_KEYS)
+    for klass in layer_class.__mro__:  # arguments passed on through **kwargs count too
+        if klass is tf_keras.layers.Layer:
+            break
+        if "__init__" in vars(klass):
+            accepted |= set(inspect.signature(klass.__init__).parameters)
+    config = {}
+    for key, value in layer.get_config().items():
+        if key == "dtype":
+            continue  # tf_keras default float32; Keras 3 writes a policy dict here
+        if key not in accepted:
+            if key in _IGNORED_AT_DEFAULT and value == _IGNORED_AT_DEFAULT[key]:
+                continue
+            raise ExportError(
+                f"QAT rebuild: layer {layer.name!r} ({type(layer).__name__}) sets "
+                f"{key}={value!r}, which tf_keras does not support"
+            )
+        if isinstance(value, dict) and "class_name" in value:
+            # Initializers, regularizers and constraints: the weights are copied and the
+            # fine-tune is short, so the layer defaults serve.
+            continue
+        config[key] = value
+    try:
+        return layer_class.from_config(config)
+    except Exception as err:
+        raise ExportError(
+            f"QAT rebuild: tf_keras could not build layer {layer.name!r} "
+            f"({type(layer).__name__}) from its config: {err}"
+        ) from err
+
+
+def _rebuild(model: keras.Model, inputs, pairs: list):
+    """Runs `model`'s graph on tf_keras tensors with every layer rebuilt in tf_keras."""
+    if not hasattr(model, "_run_through_graph"):
+        raise ExportError(
+            f"QAT rebuild needs a functional Keras model; {model.name!r} is a "
+            f"{type(model).__name__}"
+        )
+    tf_keras = _tf_keras()
+    rebuilt = {}
+
+    def operation_fn(operation):
+        if id(operation) in rebuilt:
+            return rebuilt[id(operation)]
+        if isinstance(operation, keras.Model):
+
+            def nested(*args, **kwargs):
+                inner_inputs = [tf_keras.Input(tensor.shape[1:]) for tensor in args]
+                inner = tf_keras.Model(
+                    inner_inputs,
+                    _rebuild(operation, inner_inputs, pairs),
+                    name=operation.name,
+                )
+                return inner(*args, **kwargs)
+
+            rebuilt[id(operation)] = nested
+        elif isinstance(operation, keras.layers.Layer):
+            rebuilt[id(operation)] = _tf_keras_layer(operation)
+            pairs.append((operation, rebuilt[id(operation)]))
+        else:
+            raise ExportError(
+                f"QAT rebuild: operation {getattr(operation, 'name', operation)!r} is not "
+                "a Keras layer (a keras.ops call in the functional graph); wrap it in a "
+                "layer to export a QAT variant"
+            )
+        return rebuilt[id(operation)]
+
+    # `_run_through_graph` is how Keras itself runs a functional graph node by node.
+    return model._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def rebuild_in_tf_keras(student: keras.Model, *, check_images_normalized: np.ndarray | None = None):
+    """Rebuilds a Keras 3 functional student in tf_keras with the same weights.
+
+    Args:
+      student: functional Keras 3 model of built-in layers.
+      check_images_normalized: optional `[n, H, W, C]` normalised images; when given,
+        the rebuilt model must reproduce the Keras 3 logits on them.
+
+    Returns:
+      A tf_keras functional model.
+
+    Raises:
+      ExportError: unsupported layer/operation, weight mismatch, or logits that differ.
+    """
+    tf_keras = _tf_keras()
+    inputs = [tf_keras.Input(tuple(tensor.shape[1:]), name=None) for tensor in student.inputs]
+    pairs = []
+    outputs = _rebuild(student, inputs, pairs)
+    rebuilt = tf_keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name=student.name)
+    for source, target in pairs:
+        weights = source.get_weights()
+        if [w.shape for w in weights] != [tuple(w.shape) for w in target.weights]:
+            raise ExportError(
+                f"QAT rebuild: layer {source.name!r} has weights "
+                f"{[w.shape for w in weights]} but its tf_keras twin "
+                f"{[tuple(w.shape) for w in target.weights]}"
+            )
+        target.set_weights(weights)
+    if check_images_normalized is not None:
+        expected = np.asarray(student(check_images_normalized, training=False))
+        actual = rebuilt(check_images_normalized, training=False).numpy()
+        error = float(np.max(np.abs(expected - actual)))
+        if error > 1e-4 * max(1.0, float(np.max(np.abs(expected)))):
+            raise ExportError(
+                f"QAT rebuild: the tf_keras twin of {student.name!r} differs from it by "
+                f"{error:.3g} in logits; refusing to quantize a different model"
+            )
+    return rebuilt
+
+
+def quantization_aware_model(rebuilt):
+    """tfmot QAT model of a tf_keras model: every layer but BatchNormalization annotated."""
+    import tensorflow_model_optimization as tfmot
+
+    tf_keras = _tf_keras()
+    quantize = tfmot.quantization.keras
+
+    def annotate(layer):
+        if isinstance(layer, (tf_keras.layers.BatchNormalization, tf_keras.layers.InputLayer)):
+            return layer
+        return quantize.quantize_annotate_layer(layer)
+
+    try:
+        annotated = tf_keras.models.clone_model(rebuilt, clone_function=annotate)
+        with quantize.quantize_scope():
+            qat_model = quantize.quantize_apply(annotated)
+    except Exception as err:
+        raise ExportError(f"QAT: tfmot could not quantize {rebuilt.name!r}: {err}") from err
+    for layer in qat_model.layers:
+        inner = getattr(layer, "layer", layer)
+        if isinstance(inner, tf_keras.layers.BatchNormalization):
+            layer.trainable = False  # inference-mode BN: keep the distilled statistics
+    return qat_model
+
+
+def quantization_aware_finetune(
+    student: keras.Model,
+    info: DatasetInfo,
+    train_images_uint8: np.ndarray,
+    *,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int = 128,
+    max_steps: int | None = None,
+    seed: int = 0,
+):
+    """Short QAT fine-tune of the distilled student towards its own predictions.
+
+    Args:
+      student: distilled Keras 3 student (normalised images -> logits).
+      info: dataset facts (normalisation).
+      train_images_uint8: `[n, H, W, C]` raw training images.
+      epochs: passes over the images (0 = quantize without training).
+      learning_rate: SGD rate (momentum 0.9).
+      batch_size: images per step.
+      max_steps: optional cap on the total number of steps.
+      seed: order of the images.
+
+    Returns:
+      `(qat_model, summary)`: the tf_keras QAT model (normalised images -> logits) and a
+      dict with `rebuild_max_abs_logit_error`, `steps`, `final_loss`.
+
+    Raises:
+      ExportError: empty or wrong-shape images, or a student that cannot be rebuilt.
+    """
+    import tensorflow as tf
+
+    tf_keras = _tf_keras()
+    images = check_images(train_images_uint8, info, "QAT training images")
+    check = normalize_numpy(images[:64], info)
+    rebuilt = rebuild_in_tf_keras(student, check_images_normalized=check)
+    rebuild_error = float(np.max(np.abs(
+        np.asarray(student(check, training=False)) - rebuilt(check, training=False).numpy()
+    )))
+    qat_model = quantization_aware_model(rebuilt)
+
+    steps_per_epoch = int(np.ceil(len(images) / batch_size))
+    total_steps = epochs * steps_per_epoch
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    final_loss = None
+    if total_steps > 0:
+        rng = np.random.default_rng(seed)
+        order = np.concatenate([rng.permutation(len(images)) for _ in range(epochs)])
+        batches = np.array_split(order[: total_steps * batch_size], total_steps)
+
+        class Batches(tf_keras.utils.Sequence):
+            def __len__(self):
+                return len(batches)
+
+            def __getitem__(self, index):
+                chosen = normalize_numpy(images[np.sort(batches[index])], info)
+                target_logits = student(chosen, training=False)
+                return chosen, tf.nn.softmax(tf.cast(target_logits, tf.float32)).numpy()
+
+        qat_model.compile(
+            optimizer=tf_keras.optimizers.SGD(learning_rate, momentum=0.9),
+            loss=tf_keras.losses.CategoricalCrossentropy(from_logits=True),
+        )
+        history = qat_model.fit(Batches(), epochs=1, shuffle=False, verbose=0)
+        final_loss = float(history.history["loss"][-1])
+    summary = {
+        "rebuild_max_abs_logit_error": rebuild_error,
+        "steps": int(total_steps),
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "final_loss": final_loss,
+    }
+    return qat_model, summary
