@@ -2,8 +2,8 @@
 
 One parallel `tf.data` pass decodes every image of a split and records its shape; a
 record that does not decode, or whose shape differs from the others (or from the
-expected shape), becomes a DataError naming that record. A second pass keeps the pixels
-when the split is cached in memory.
+expected shape), becomes a DataError naming that record. A second, dense pass keeps the
+pixels when the split is cached in memory.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def check_images(
     describe: Callable[[int], str],
     expected_shape: tuple[int, int, int] | None = None,
     expected_from: str = "the dataset metadata",
-) -> tuple[int, int, int]:
-    """Decodes every image once and checks that all have one shape.
+    *,
+    keep_pixels: bool = False,
+) -> tuple[tuple[int, int, int], np.ndarray | None]:
+    """Decodes every image once, checks that all share one shape, optionally keeps them.
 
     Args:
       encoded: `tf.data.Dataset` of scalar string tensors (encoded images), fixed order.
@@ -49,16 +51,19 @@ def check_images(
       expected_shape: (height, width, channels) every image must have; None = the shape
         of the first image.
       expected_from: where `expected_shape` comes from, for the error message.
+      keep_pixels: also return the decoded images.
 
     Returns:
-      The common (height, width, channels).
+      The common (height, width, channels) and, when `keep_pixels`, the uint8 images
+      `[size, height, width, channels]` (else None).
 
     Raises:
       DataError: naming the first undecodable or mismatched image.
     """
+    # Shapes first, pixels in a second dense pass: cheaper than one ragged pass.
     shapes = (
         encoded.enumerate()
-        .map(lambda i, raw: (i, tf.shape(decode_image(raw))),
+        .map(lambda position, raw: (position, tf.shape(decode_image(raw))),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .ignore_errors()
         .batch(_CHUNK)
@@ -87,7 +92,11 @@ def check_images(
             f"{source}; all images of a dataset must share one size and channel count "
             f"({wrong.size} mismatched in total)"
         )
-    return tuple(int(d) for d in reference)
+    shape = tuple(int(d) for d in reference)
+    if not keep_pixels:
+        return shape, None
+    chunks = list(decode_dataset(encoded, shape).batch(_CHUNK).as_numpy_iterator())
+    return shape, np.concatenate(chunks)
 
 
 def decode_dataset(encoded: tf.data.Dataset, image_shape: tuple[int, int, int]) -> tf.data.Dataset:
@@ -97,11 +106,3 @@ def decode_dataset(encoded: tf.data.Dataset, image_shape: tuple[int, int, int]) 
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-
-
-def decode_to_array(encoded: tf.data.Dataset, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Decodes every (already checked) image into uint8 `[n, height, width, channels]`."""
-    chunks = list(decode_dataset(encoded, image_shape).batch(_CHUNK).as_numpy_iterator())
-    if not chunks:
-        return np.zeros((0, *image_shape), np.uint8)
-    return np.concatenate(chunks)

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from sokd_tf.data.decode import check_images, decode_dataset, decode_to_array
+from sokd_tf.data.decode import check_images, decode_dataset
 from sokd_tf.data.source import SourceData, SourceSplit, check_split_sizes
 from sokd_tf.errors import DataError
 
@@ -79,11 +79,11 @@ def load(data_dir: str, *, cache: bool = True, name: str = "image_folder") -> So
                             f"{split_dir}/<class name>/ (expected >= 1 image)")
         encoded = tf.data.Dataset.from_tensor_slices(paths).map(
             tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        image_shape = check_images(encoded, len(paths), lambda i, p=paths: p[i], image_shape,
-                                   expected_from="the train split")
+        image_shape, images = check_images(
+            encoded, len(paths), lambda i, p=paths: p[i], image_shape,
+            expected_from="the train split", keep_pixels=cache)
         if cache:
-            splits[split] = SourceSplit(size=len(paths), labels=labels,
-                                        images=decode_to_array(encoded, image_shape))
+            splits[split] = SourceSplit(size=len(paths), labels=labels, images=images)
         else:
             splits[split] = SourceSplit(size=len(paths), labels=labels,
                                         stream=_streamer(encoded, labels, image_shape))

@@ -10,8 +10,11 @@ the permutation and every augmentation draw are stateless random ops seeded from
 (seed, e) (and the batch index), so a run resumed at epoch e sees exactly the batches an
 uninterrupted run sees in epoch e. Each epoch is batched on its own, so it ends with its
 own partial batch and `steps_per_epoch` is exact. In-memory splits (the default) are
-permuted by index; streamed splits (file sources with `cache=False`) are shuffled
-through a bounded buffer seeded the same way.
+permuted by index, a full shuffle. Streamed splits (file sources with `cache=False`) go
+through a `tf.data` shuffle buffer of `SHUFFLE_BUFFER` examples seeded from (seed, e);
+tf.data combines that seed with TF's global seed (`keras.utils.set_random_seed`), so a
+streamed run is reproducible when the global seed is set the same way too, and its
+shuffle is only as good as the buffer (store files in shuffled order).
 
 Validation hold-out: `validation_size` images are drawn from the source's train split
 by a permutation seeded with `seed`; both parts keep their original relative order.
@@ -175,7 +178,9 @@ class ImageDataset:
 
             def epoch_batches(epoch):
                 epoch_seed = tf.stack([base_seed, epoch])
-                shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0]
+                shuffle_seed = tf.cast(
+                    tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0] % (2**31 - 1),
+                    tf.int64)
                 examples = stream().shuffle(buffer_size, seed=shuffle_seed,
                                             reshuffle_each_iteration=False)
                 return _with_seeds(examples.batch(batch_size, drop), epoch_seed)

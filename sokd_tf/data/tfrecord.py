@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from sokd_tf.data.decode import check_images, decode_dataset, decode_to_array
+from sokd_tf.data.decode import check_images, decode_dataset
 from sokd_tf.data.source import SourceData, SourceSplit, check_labels, check_split_sizes
 from sokd_tf.errors import DataError
 
@@ -98,7 +98,8 @@ class _Records:
 
 def _count_tfrecords(path: str) -> int:
     try:
-        return int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
+        return int(tf.data.TFRecordDataset(path).batch(4096).reduce(
+            np.int64(0), lambda n, batch: n + tf.size(batch, out_type=tf.int64)))
     except tf.errors.OpError as error:
         raise DataError(f"{path}: corrupt or truncated TFRecord file "
                         f"({error.message.splitlines()[0]})") from error
@@ -107,42 +108,57 @@ def _count_tfrecords(path: str) -> int:
 def _parse_labels(records: _Records, image_key: str, label_key: str) -> np.ndarray:
     """Checks every record for the two features; returns the labels `[n]` int32."""
     spec = {image_key: tf.io.VarLenFeature(tf.string), label_key: tf.io.VarLenFeature(tf.int64)}
-
-    def counts(position, serialized):
-        features = tf.io.parse_single_example(serialized, spec)
-        labels = features[label_key].values
-        return (position, tf.size(features[image_key].values), tf.size(labels),
-                tf.concat([labels, [-1]], 0)[0])
-
-    parsed = (records.dataset().enumerate()
-              .map(counts, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-              .ignore_errors().batch(8192))
-    chunks = list(parsed.as_numpy_iterator())
-    positions, image_counts, label_counts, labels = (
-        np.concatenate([chunk[column] for chunk in chunks]) if chunks
-        else np.zeros([0], np.int64)
-        for column in range(4)
-    )
     expected = (f"expected a tf.Example with a bytes feature {image_key!r} (one encoded image) "
                 f"and an int64 feature {label_key!r} (one label)")
-    if len(positions) < records.size:
-        position = int(np.setdiff1d(np.arange(records.size), positions)[0])
+
+    def counts(serialized):
+        features = tf.io.parse_example(serialized, spec)
+        rows = tf.shape(serialized)[0]
+
+        def per_row(sparse):
+            return tf.math.bincount(tf.cast(sparse.indices[:, 0], tf.int32), minlength=rows,
+                                    maxlength=rows, dtype=tf.int64)
+
+        label = features[label_key]
+        first = label.indices[:, 1] == 0
+        labels = tf.tensor_scatter_nd_update(
+            tf.fill([rows], np.int64(-1)), tf.boolean_mask(label.indices, first)[:, :1],
+            tf.boolean_mask(label.values, first))
+        return per_row(features[image_key]), per_row(label), labels
+
+    try:
+        chunks = list(records.dataset().batch(8192).map(
+            counts, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        ).as_numpy_iterator())
+    except tf.errors.InvalidArgumentError:
+        # A record with a feature of the wrong type: find it record by record.
+        parsed = (records.dataset().enumerate()
+                  .map(lambda position, serialized: (
+                      position, tf.io.parse_single_example(serialized, spec)[label_key].values))
+                  .ignore_errors().map(lambda position, _: position).batch(8192))
+        parsed_positions = np.concatenate(list(parsed.as_numpy_iterator()) or [[]])
+        position = int(np.setdiff1d(np.arange(records.size), parsed_positions)[0])
         raw = next(iter(records.dataset().skip(position).take(1)))
         try:
             tf.io.parse_single_example(raw, spec)
             reason = "unparsable record"
         except tf.errors.InvalidArgumentError as error:
             reason = error.message.splitlines()[0]
-        raise DataError(f"{records.describe(position)}: {reason}; {expected}")
+        raise DataError(f"{records.describe(position)}: {reason}; {expected}") from None
+    image_counts, label_counts, labels = (
+        np.concatenate([chunk[column] for chunk in chunks]) if chunks
+        else np.zeros([0], np.int64)
+        for column in range(3)
+    )
     bad = np.flatnonzero((image_counts != 1) | (label_counts != 1))
     if bad.size:
-        position = int(positions[bad[0]])
+        position = int(bad[0])
         try:
             present = sorted(records.example(position).features.feature.keys())
         except Exception:  # noqa: BLE001 - only used to enrich the message.
             present = "?"
-        raise DataError(f"{records.describe(position)}: has {int(image_counts[bad[0]])} value(s) "
-                        f"under {image_key!r} and {int(label_counts[bad[0]])} under "
+        raise DataError(f"{records.describe(position)}: has {int(image_counts[position])} "
+                        f"value(s) under {image_key!r} and {int(label_counts[position])} under "
                         f"{label_key!r} (features present: {present}); {expected}")
     return labels.astype(np.int32)
 
@@ -206,12 +222,13 @@ def load(
     splits = {}
     for split in SPLITS:
         encoded = _encoded_images(records[split], image_key)
-        expected_shape = check_images(encoded, records[split].size, records[split].describe,
-                                      expected_shape, expected_from)
+        expected_shape, images = check_images(
+            encoded, records[split].size, records[split].describe, expected_shape,
+            expected_from, keep_pixels=cache)
         expected_from = "the train split"
         if cache:
             splits[split] = SourceSplit(size=records[split].size, labels=labels[split],
-                                        images=decode_to_array(encoded, expected_shape))
+                                        images=images)
         else:
             splits[split] = SourceSplit(
                 size=records[split].size, labels=labels[split],
@@ -295,30 +312,25 @@ def write_tfrecords(
             raise DataError(f"{len(images)} images but {len(labels)} labels; expected equal")
         dataset = tf.data.Dataset.from_tensor_slices((images, labels))
         size = len(labels)
-    dataset = dataset.map(lambda image, label: (_encode(tf.cast(image, tf.uint8), image_format),
-                                                tf.cast(label, tf.int64)),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
-                              tf.data.AUTOTUNE)
+    encoded = dataset.map(
+        lambda image, label: (_encode(tf.cast(image, tf.uint8), image_format),
+                              tf.cast(label, tf.int64)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    ).batch(1024).prefetch(tf.data.AUTOTUNE)
     tf.io.gfile.makedirs(out_dir)
-    num_shards = max(1, min(num_shards, size)) if size else 1
+    num_shards = max(1, min(num_shards, size))
     bounds = [size * i // num_shards for i in range(num_shards + 1)]
     paths = [os.path.join(out_dir, f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord")
              for i in range(num_shards)]
-    shard, writer = 0, tf.io.TFRecordWriter(paths[0])
-    try:
-        for position, (encoded, label) in enumerate(dataset.as_numpy_iterator()):
-            while position >= bounds[shard + 1]:
-                writer.close()
-                shard += 1
-                writer = tf.io.TFRecordWriter(paths[shard])
-            writer.write(make_example(encoded, label, image_key=image_key,
-                                      label_key=label_key).SerializeToString())
-        while shard < num_shards - 1:
-            writer.close()
-            shard += 1
-            writer = tf.io.TFRecordWriter(paths[shard])
-    finally:
-        writer.close()
+    examples = (
+        make_example(image, label, image_key=image_key, label_key=label_key).SerializeToString()
+        for images, labels in encoded.as_numpy_iterator()
+        for image, label in zip(images, labels, strict=True)
+    )
+    for shard, path in enumerate(paths):
+        with tf.io.TFRecordWriter(path) as writer:
+            for _ in range(bounds[shard + 1] - bounds[shard]):
+                writer.write(next(examples))
     return paths
 
 
