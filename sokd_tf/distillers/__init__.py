@@ -1,0 +1,31 @@
+"""Trainers (`keras.Model` subclasses with `train_step`/`test_step`), one per method.
+
+`call()` of each returns the student's logits (the trained network's for
+`VanillaTrainer`). Compile with `make_optimizer(train_config, steps_per_epoch)`.
+"""
+
+from sokd_tf.distillers.base import Distiller, global_batch_size, prepare_teacher
+from sokd_tf.distillers.dml import MutualLearner
+from sokd_tf.distillers.kd import KnowledgeDistiller
+from sokd_tf.distillers.optimization import (
+    EpochStepDecay,
+    PyTorchSGD,
+    apply_role_gradients,
+    make_optimizer,
+)
+from sokd_tf.distillers.semi_online import SemiOnlineDistiller
+from sokd_tf.distillers.vanilla import VanillaTrainer
+
+__all__ = [
+    "Distiller",
+    "EpochStepDecay",
+    "KnowledgeDistiller",
+    "MutualLearner",
+    "PyTorchSGD",
+    "SemiOnlineDistiller",
+    "VanillaTrainer",
+    "apply_role_gradients",
+    "global_batch_size",
+    "make_optimizer",
+    "prepare_teacher",
+]

@@ -1,0 +1,110 @@
+"""Semi-Online Knowledge Distillation: frozen teacher, peer and student trained together.
+
+Reference: Liu, Liu & Huang, "Semi-Online Knowledge Distillation" (BMVC 2021,
+arXiv 2111.11747), Sec. 3; SOKD spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+import tensorflow as tf
+
+from sokd_tf import losses
+from sokd_tf.config import LossConfig, TrainConfig
+from sokd_tf.distillers import base
+from sokd_tf.models import peer as peer_lib
+
+
+@keras.saving.register_keras_serializable(package="sokd_tf")
+class SemiOnlineDistiller(base.Distiller):
+    """SOKD: the peer learns from labels, teacher and student; the student from labels and
+    the peer. One loss, one backward pass; peer and student are updated simultaneously.
+
+    The teacher trunk runs once per step (outside the gradient tape): its penultimate
+    stage feeds the peer (gradient-stopped) and its logits are the peer's KD target.
+
+    Teacher BatchNorm (`teacher_bn_mode`): default "official" because the authors'
+    numbers were produced that way: their frozen teacher stays in train mode, so its BN
+    layers normalise with batch statistics and keep updating their moving statistics,
+    while no teacher parameter is optimised. "frozen" runs the teacher in inference mode
+    and leaves it bit-for-bit unchanged. See `base.prepare_teacher`.
+
+    Args:
+      teacher: trained functional model with named stages.
+      peer: `peer.build_peer(teacher)` (input: the teacher's penultimate stage output).
+      student: model images -> logits.
+      temperature: T of the three KL terms (scaled by T^2).
+      weights: one weight per SOKD term; default `LossConfig().sokd_weights()` (all 1).
+      teacher_bn_mode: "official" or "frozen".
+      **kwargs: `keras.Model` arguments (e.g. `name`).
+
+    Metrics: `loss`, the five term names, `peer/top1`, `student/top1` (+ `/top5` when
+    there are more than 5 classes). `call()` returns the student's logits.
+    """
+
+    def __init__(self, teacher: keras.Model, peer: keras.Model, student: keras.Model,
+                 temperature: float = LossConfig.temperature,
+                 weights: Mapping[str, float] | None = None,
+                 teacher_bn_mode: str = TrainConfig.teacher_bn_mode, **kwargs):
+        super().__init__(**kwargs)
+        self.teacher = teacher
+        self.peer = peer
+        self.student = student
+        self.temperature = float(temperature)
+        self.teacher_bn_mode = teacher_bn_mode
+        self.teacher_training = base.prepare_teacher(teacher, teacher_bn_mode)
+        self.teacher_trunk = peer_lib.build_teacher_trunk(teacher)
+        self._setup(
+            term_names=losses.SOKD_TERMS,
+            weights=LossConfig().sokd_weights() if weights is None else weights,
+            trained_roles=("peer", "student"),
+            num_classes=student.output.shape[-1],
+        )
+
+    def call(self, images, training=False):
+        return self.student(images, training=training)
+
+    def forward(self, images, labels, training):
+        """All three roles' logits and the per-example SOKD terms."""
+        teacher_features, teacher_logits = self.teacher_trunk(
+            images, training=self.teacher_training and training
+        )
+        peer_logits = self.peer(tf.stop_gradient(teacher_features), training=training)
+        student_logits = self.student(images, training=training)
+        terms = losses.sokd_loss_terms(
+            teacher_logits, peer_logits, student_logits, labels, self.temperature
+        )
+        return terms, {"peer": peer_logits, "student": student_logits}
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            terms, logits = self.forward(images, labels, training=True)
+            scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels))
+        self.minimize(tape, scaled_loss)
+        return self.update_metrics(terms, labels, logits)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        terms, logits = self.forward(images, labels, training=False)
+        return self.update_metrics(terms, labels, logits)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "teacher": base.serialize(self.teacher),
+            "peer": base.serialize(self.peer),
+            "student": base.serialize(self.student),
+            "temperature": self.temperature,
+            "weights": dict(self.loss_weights_by_term),
+            "teacher_bn_mode": self.teacher_bn_mode,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for role in ("teacher", "peer", "student"):
+            config[role] = base.deserialize(config[role])
+        return cls(**config)
