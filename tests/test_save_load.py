@@ -1,0 +1,92 @@
+"""`.keras` round trips (safe_mode on) of every model the pipeline saves, and of trainers."""
+
+import keras
+import numpy as np
+import pytest
+
+from sokd_tf import distillers, models
+from sokd_tf.config import TrainConfig
+from sokd_tf.models import peer as peer_lib
+
+SHAPE = (16, 16, 3)
+
+
+def images(n=4, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained_sokd():
+    """A SOKD trainer after one real step (BN statistics and weights off their init)."""
+    keras.utils.set_random_seed(0)
+    teacher = models.BUILDERS["wrn_16_1"](SHAPE, 10, name="teacher")
+    peer = peer_lib.build_peer(teacher)
+    student = models.BUILDERS["wrn_16_1"](SHAPE, 10, name="student")
+    trainer = distillers.SemiOnlineDistiller(teacher, peer, student)
+    trainer.compile(optimizer=distillers.make_optimizer(TrainConfig(), 1))
+    trainer.fit(images(8), np.arange(8) % 10, batch_size=8, epochs=1, verbose=0)
+    return trainer
+
+
+def round_trip(model, path):
+    model.save(path)
+    return keras.models.load_model(path, safe_mode=True)
+
+
+@pytest.mark.parametrize("role", ["student", "peer", "reconstructed_teacher", "teacher"])
+def test_models_round_trip(trained_sokd, tmp_path, role):
+    if role == "reconstructed_teacher":
+        model = peer_lib.build_reconstructed_teacher(trained_sokd.teacher, trained_sokd.peer)
+        inputs = images()
+    elif role == "peer":
+        model = trained_sokd.peer
+        inputs, _ = trained_sokd.teacher_trunk(images(), training=False)
+    else:
+        model = getattr(trained_sokd, role)
+        inputs = images()
+    loaded = round_trip(model, str(tmp_path / f"{role}.keras"))
+    assert loaded.name == model.name
+    assert loaded.count_params() == model.count_params()
+    np.testing.assert_array_equal(
+        loaded.predict(inputs, verbose=0), model.predict(inputs, verbose=0)
+    )
+    assert models.stage_names(loaded) == models.stage_names(model)
+
+
+def test_reconstructed_teacher_loads_standalone(trained_sokd, tmp_path):
+    reconstructed = peer_lib.build_reconstructed_teacher(trained_sokd.teacher, trained_sokd.peer)
+    loaded = round_trip(reconstructed, str(tmp_path / "reconstructed.keras"))
+    # Independent of the trainer's models: changing the peer leaves the file's model alone.
+    before = loaded.predict(images(), verbose=0)
+    for variable in trained_sokd.peer.trainable_variables:
+        variable.assign(variable * 0.0)
+    np.testing.assert_array_equal(loaded.predict(images(), verbose=0), before)
+
+
+def test_trainer_round_trips_with_its_config(trained_sokd, tmp_path):
+    loaded = round_trip(trained_sokd, str(tmp_path / "sokd.keras"))
+    assert isinstance(loaded, distillers.SemiOnlineDistiller)
+    assert loaded.teacher_bn_mode == "official" and loaded.temperature == 4.0
+    assert loaded.loss_weights_by_term == trained_sokd.loss_weights_by_term
+    np.testing.assert_array_equal(
+        loaded.predict(images(), verbose=0), trained_sokd.predict(images(), verbose=0)
+    )
+    assert not loaded.teacher.trainable_weights  # the teacher stays out of the optimizer
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "kd", "dml"])
+def test_baseline_trainers_round_trip(tmp_path, kind):
+    keras.utils.set_random_seed(1)
+    student = models.BUILDERS["wrn_16_1"](SHAPE, 10, name="student")
+    other = models.BUILDERS["wrn_16_1"](SHAPE, 10, name="other")
+    trainer = {
+        "vanilla": lambda: distillers.VanillaTrainer(student, role="student"),
+        "kd": lambda: distillers.KnowledgeDistiller(other, student, teacher_bn_mode="frozen"),
+        "dml": lambda: distillers.MutualLearner(other, student, temperature=2.0),
+    }[kind]()
+    loaded = round_trip(trainer, str(tmp_path / f"{kind}.keras"))
+    assert type(loaded) is type(trainer)
+    assert loaded.get_config().keys() == trainer.get_config().keys()
+    np.testing.assert_array_equal(
+        loaded.predict(images(), verbose=0), trainer.predict(images(), verbose=0)
+    )
