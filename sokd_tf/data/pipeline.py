@@ -139,6 +139,7 @@ class ImageDataset:
         first_epoch: int = 0,
         augment: bool = True,
         drop_remainder: bool | None = None,
+        steps_per_epoch: int | None = None,
     ) -> tf.data.Dataset:
         """Endless training batches, epoch after epoch from `first_epoch`.
 
@@ -150,6 +151,8 @@ class ImageDataset:
           augment: apply the training augmentation (reflect-pad `pad` -> random crop ->
             random horizontal flip, as configured).
           drop_remainder: drop each epoch's last partial batch; None = the DataConfig's.
+          steps_per_epoch: keep only the first this many batches of every epoch (short
+            runs); None = whole epochs. Epoch e still depends only on (seed, e).
 
         Returns:
           `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`.
@@ -195,9 +198,13 @@ class ImageDataset:
                                              pad=self._pad, flip=self._flip)
             return self.normalize(batch_images), tf.cast(batch_labels, tf.int32)
 
+        def capped_epoch_batches(epoch):
+            batches = epoch_batches(epoch)
+            return batches if steps_per_epoch is None else batches.take(steps_per_epoch)
+
         dataset = (
             tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
-            .flat_map(epoch_batches)
+            .flat_map(capped_epoch_batches)
             .map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=self._deterministic)
             .prefetch(tf.data.AUTOTUNE)
         )
