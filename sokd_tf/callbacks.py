@@ -32,14 +32,19 @@ class TestSplitEvaluation(keras.callbacks.Callback):
 
     Args:
       test_data: finite dataset of `(images, labels)` batches.
+      evaluate: `(model, data) -> {metric: value}`; default `model.evaluate` (the
+        multi-worker custom loop passes its own).
     """
 
-    def __init__(self, test_data):
+    def __init__(self, test_data, evaluate=None):
         super().__init__()
         self.test_data = test_data
+        self.evaluate = evaluate or (
+            lambda model, data: model.evaluate(data, verbose=0, return_dict=True)
+        )
 
     def on_epoch_end(self, epoch, logs=None):
-        results = self.model.evaluate(self.test_data, verbose=0, return_dict=True)
+        results = self.evaluate(self.model, self.test_data)
         if logs is not None:
             for name, value in results.items():
                 logs[f"test_{name}"] = float(value)

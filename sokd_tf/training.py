@@ -14,18 +14,16 @@ import os
 import keras
 import tensorflow as tf
 
-from sokd_tf import artifacts, callbacks, distillers, models
+from sokd_tf import artifacts, callbacks, distillers, distribute, models
 from sokd_tf.config import RunConfig
 from sokd_tf.data import ImageDataset
-from sokd_tf.errors import ConfigError, UserError
+from sokd_tf.errors import UserError
 from sokd_tf.evaluation import evaluate_model, load_model
 from sokd_tf.models import peer as peer_lib
 
 
 def setup_runtime(config: RunConfig):
     """Seeds, precision policy and strategy for a stage; returns the strategy."""
-    from sokd_tf import distribute
-
     keras.utils.set_random_seed(config.train.seed)
     if config.data.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -55,27 +53,27 @@ def load_teacher(path: str, info) -> keras.Model:
     return teacher
 
 
-def _synchronized_bn(config: RunConfig, strategy) -> bool:
-    if config.model.synchronized_bn is not None:
-        return config.model.synchronized_bn
-    return strategy.num_replicas_in_sync > 1
-
-
 def _build(name: str, info, synchronized_bn: bool, model_name: str) -> keras.Model:
-    if name not in models.BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(models.BUILDERS)}")
-    return models.BUILDERS[name](
-        tuple(info.image_shape), info.num_classes, synchronized_bn=synchronized_bn, name=model_name
+    return models.build(
+        name, info.image_shape, info.num_classes, synchronized_bn=synchronized_bn, model_name=model_name
     )
 
 
-def _fit(trainer, *, config, dataset, stage_dir, epochs, roles, monitor, best_models, test_data):
-    """Runs `fit` with resume, logging and best-epoch checkpoints; returns the history rows."""
-    checkpoint_dir = os.path.join(stage_dir, "checkpoints")
-    backup_dir = os.path.join(checkpoint_dir, "backup")
-    metadata = artifacts.read_json(os.path.join(backup_dir, "training_metadata.json"), {})
-    first_epoch = int(metadata.get("epoch", 0))
+def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monitor, best_models,
+         test_data):
+    """Runs `fit` with resume, logging and best-epoch checkpoints; returns the history rows.
+
+    Under multi-worker training every worker runs this; only the chief's files land in
+    `stage_dir` (the others write to temporary directories, removed at the end).
+    """
+    from sokd_tf import custom_loop
+
+    backup_dir = os.path.join(stage_dir, "checkpoints", "backup")
+    write_dir = distribute.worker_checkpoint_dir(stage_dir, strategy)
+    checkpoint_dir = os.path.join(write_dir, "checkpoints")
     steps = _steps(config, dataset)
+    # The data pipeline must start at the resumed epoch, so read it before `fit` does.
+    first_epoch = distribute.read_backup_epoch(backup_dir)
     train_data = dataset.train_batches(
         config.data.batch_size,
         seed=config.train.seed,
@@ -85,26 +83,34 @@ def _fit(trainer, *, config, dataset, stage_dir, epochs, roles, monitor, best_mo
     )
     validation_split = "validation" if config.data.validation_size > 0 else "test"
     validation_data = dataset.eval_batches(validation_split, config.data.eval_batch_size)
-    history = callbacks.MetricHistory(stage_dir)
+    evaluate = None  # Keras' own `evaluate`.
+    if distribute.uses_custom_loop(strategy):
+        def evaluate(model, data):
+            return custom_loop.evaluate(model, data, strategy=strategy)
+    history = callbacks.MetricHistory(write_dir)
     fit_callbacks = [
         callbacks.LearningRateLogger(),
-        callbacks.TestSplitEvaluation(test_data),
+        callbacks.TestSplitEvaluation(test_data, evaluate),
         callbacks.BestCheckpoints(checkpoint_dir, monitor, best_models),
         history,
         callbacks.EpochSummary(roles, epochs),
-        keras.callbacks.TensorBoard(os.path.join(stage_dir, "logs")),
+        keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
         # Last, so an epoch counts as done only once everything above is written.
-        keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True, delete_checkpoint=False),
+        distribute.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False),
     ]
-    trainer.fit(
+    distribute.fit_model(
+        trainer,
         train_data,
+        strategy=strategy,
         epochs=epochs,
         steps_per_epoch=steps,
         validation_data=validation_data,
         callbacks=fit_callbacks,
         verbose=2 if os.environ.get("CI") else 1,
     )
-    return history.rows, artifacts.read_json(os.path.join(checkpoint_dir, "best.json"), {})
+    best = artifacts.read_json(os.path.join(checkpoint_dir, "best.json"), {})
+    distribute.remove_worker_checkpoint_dir(write_dir, stage_dir)
+    return history.rows, best
 
 
 def _results(rows, best, roles, validation_size):
@@ -132,7 +138,7 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dic
     strategy = setup_runtime(config)
     info = dataset.info
     with strategy.scope():
-        teacher = _build(config.model.teacher, info, _synchronized_bn(config, strategy), "teacher")
+        teacher = _build(config.model.teacher, info, distribute.use_synchronized_bn(config.model.synchronized_bn, strategy), "teacher")
         trainer = distillers.VanillaTrainer(teacher, role="teacher")
         steps = _steps(config, dataset)
         trainer.compile(
@@ -146,6 +152,7 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dic
         trainer,
         config=config,
         dataset=dataset,
+        strategy=strategy,
         stage_dir=paths.teacher_dir,
         epochs=config.train.teacher_epochs,
         roles=["teacher"],
@@ -224,7 +231,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
         teacher = load_teacher(teacher_path, info) if method in ("kd", "sokd") else None
         teacher_before = evaluate_model(teacher, test_data) if teacher is not None else None
         trainer, best_models = build_distiller(
-            config, info, teacher, _synchronized_bn(config, strategy)
+            config, info, teacher, distribute.use_synchronized_bn(config.model.synchronized_bn, strategy)
         )
         trainer.compile(
             optimizer=distillers.make_optimizer(config.train, _steps(config, dataset)),
@@ -235,6 +242,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
         trainer,
         config=config,
         dataset=dataset,
+        strategy=strategy,
         stage_dir=paths.distill_dir,
         epochs=config.train.epochs,
         roles=roles,
