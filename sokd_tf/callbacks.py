@@ -18,13 +18,18 @@ from sokd_tf import artifacts
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds the student's current learning rate to the epoch logs as `learning_rate`."""
+    """Logs the learning rate the epoch trained with (the student's) as `learning_rate`."""
+
+    def __init__(self):
+        super().__init__()
+        self.rate = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
+        if logs is not None and self.rate is not None:
+            logs["learning_rate"] = self.rate
 
 
 class TestSplitEvaluation(keras.callbacks.Callback):
@@ -54,12 +59,12 @@ class BestCheckpoints(keras.callbacks.Callback):
     """Tracks the best epoch of each role separately and saves that role's models.
 
     For each role, `monitor[role]` (e.g. `val_student/top1`) picks the best epoch; on a
-    new best, every model returned by `savers[role]()` is written atomically as
+    new best, every model of `models[role]` is written atomically as
     `<directory>/<name>_best.keras`. The state (best value, epoch, the test top-1 of that
-    epoch) lives in `<directory>/best.json` so it survives a resume.
+    epoch) lives in `<directory>/checkpoints/best.json` so it survives a resume.
 
     Args:
-      directory: where models and `best.json` go.
+      directory: the stage directory the models go to.
       monitor: role -> log key to maximise.
       models: role -> {file stem: keras.Model} saved on that role's new best.
     """
@@ -69,7 +74,7 @@ class BestCheckpoints(keras.callbacks.Callback):
         self.directory = directory
         self.monitor = dict(monitor)
         self.models = models
-        self.state_path = os.path.join(directory, "best.json")
+        self.state_path = os.path.join(directory, "checkpoints", "best.json")
         self.best = {}
 
     def on_train_begin(self, logs=None):

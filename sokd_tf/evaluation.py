@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import keras
-import tensorflow as tf
+import numpy as np
 
 from sokd_tf.errors import UserError
 
@@ -23,14 +23,12 @@ def evaluate_model(model: keras.Model, data) -> dict[str, float]:
     num_classes = model.output_shape[-1]
     top1 = keras.metrics.SparseCategoricalAccuracy()
     top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=5) if num_classes > 5 else None
-    examples = 0
-    predict = tf.function(lambda images: model(images, training=False))
-    for images, labels in data:
-        logits = predict(images)
-        top1.update_state(labels, logits)
-        if top5 is not None:
-            top5.update_state(labels, logits)
-        examples += int(labels.shape[0])
+    logits = model.predict(data.map(lambda images, labels: images), verbose=0)
+    labels = np.concatenate([labels for _, labels in data.as_numpy_iterator()])
+    top1.update_state(labels, logits)
+    if top5 is not None:
+        top5.update_state(labels, logits)
+    examples = int(labels.shape[0])
     results = {"top1": float(top1.result()), "examples": examples}
     if top5 is not None:
         results["top5"] = float(top5.result())

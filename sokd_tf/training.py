@@ -70,7 +70,6 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monito
 
     backup_dir = os.path.join(stage_dir, "checkpoints", "backup")
     write_dir = distribute.worker_checkpoint_dir(stage_dir, strategy)
-    checkpoint_dir = os.path.join(write_dir, "checkpoints")
     steps = _steps(config, dataset)
     # The data pipeline must start at the resumed epoch, so read it before `fit` does.
     first_epoch = distribute.read_backup_epoch(backup_dir)
@@ -91,7 +90,7 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monito
     fit_callbacks = [
         callbacks.LearningRateLogger(),
         callbacks.TestSplitEvaluation(test_data, evaluate),
-        callbacks.BestCheckpoints(checkpoint_dir, monitor, best_models),
+        callbacks.BestCheckpoints(write_dir, monitor, best_models),
         history,
         callbacks.EpochSummary(roles, epochs),
         keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
@@ -108,7 +107,7 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monito
         callbacks=fit_callbacks,
         verbose=2 if os.environ.get("CI") else 1,
     )
-    best = artifacts.read_json(os.path.join(checkpoint_dir, "best.json"), {})
+    best = artifacts.read_json(os.path.join(write_dir, "checkpoints", "best.json"), {})
     distribute.remove_worker_checkpoint_dir(write_dir, stage_dir)
     return history.rows, best
 
