@@ -221,14 +221,15 @@ class ImageDataset:
         if data.in_memory:
             images, labels = self._in_memory(split)
             dataset = tf.data.Dataset.range(data.size).batch(batch_size).map(
-                lambda indices: (tf.gather(images, indices), tf.gather(labels, indices)))
+                lambda indices: (self.normalize(tf.gather(images, indices)),
+                                 tf.gather(labels, indices)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:
-            dataset = data.stream().batch(batch_size)
-        dataset = dataset.map(
-            lambda batch_images, batch_labels: (self.normalize(batch_images),
-                                                tf.cast(batch_labels, tf.int32)),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-        ).prefetch(tf.data.AUTOTUNE)
+            dataset = data.stream().batch(batch_size).map(
+                lambda batch_images, batch_labels: (self.normalize(batch_images),
+                                                    tf.cast(batch_labels, tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = dataset.prefetch(tf.data.AUTOTUNE)
         return self._options(dataset)
 
     def raw_examples(self, split: str) -> tf.data.Dataset:
@@ -293,21 +294,20 @@ def _filtered(stream, keep: np.ndarray):
 
 
 def _statistics(split: SourceSplit, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of [0, 1] pixels over every pixel of `split`."""
-    total = np.zeros(channels)
-    total_squares = np.zeros(channels)
+    """Per-channel mean and std of [0, 1] pixels over every pixel of `split` (exact)."""
+    histograms = np.zeros((channels, 256), np.int64)
     if split.in_memory:
         chunks = (split.images[i:i + 4096] for i in range(0, split.size, 4096))
     else:
         chunks = (c[0] for c in split.stream().batch(4096).as_numpy_iterator())
-    count = 0
     for chunk in chunks:
-        pixels = chunk.reshape(-1, channels).astype(np.float64) / 255.0
-        total += pixels.sum(axis=0)
-        total_squares += np.square(pixels).sum(axis=0)
-        count += len(pixels)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_squares / count - np.square(mean), 0.0))
+        for channel in range(channels):
+            histograms[channel] += np.bincount(chunk[..., channel].ravel(), minlength=256)
+    values = np.arange(256) / 255.0
+    counts = histograms.sum(axis=1)
+    mean = histograms @ values / counts
+    variance = (histograms * np.square(values[None, :] - mean[:, None])).sum(axis=1) / counts
+    std = np.sqrt(variance)
     std = np.where(std > 0, std, 1.0)  # A constant channel is left unscaled.
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
