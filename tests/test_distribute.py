@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -232,3 +235,126 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, loop):
     assert resumed.optimizer.iterations.numpy() == 9
     _assert_same_weights(_weights(resumed), _weights(uninterrupted))
     assert not os.path.exists(backup_dir), "delete_checkpoint removes the backup at the end"
+
+
+# --- several replicas, in subprocesses ------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_processes(commands_and_envs, log_dir, timeout_s=SUBPROCESS_TIMEOUT_S):
+    """Runs processes concurrently; kills every one left on timeout or failure."""
+    processes = []
+    try:
+        for index, (command, env) in enumerate(commands_and_envs):
+            log = open(os.path.join(log_dir, f"process_{index}.log"), "w")  # noqa: SIM115
+            processes.append((subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            ), log))
+        for process, _ in processes:
+            process.wait(timeout=timeout_s)
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    for index, (process, _) in enumerate(processes):
+        if process.returncode != 0:
+            with open(os.path.join(log_dir, f"process_{index}.log")) as f:
+                tail = f.read()[-4000:]
+            pytest.fail(f"subprocess {index} exited with {process.returncode}:\n{tail}")
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def _load_state(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _max_difference(first, second):
+    assert sorted(first) == sorted(second)
+    return max(float(np.abs(first[key] - second[key]).max()) for key in first)
+
+
+@pytest.mark.slow
+def test_mirrored_two_cpus_matches_one_device(tmp_path):
+    """(a) SOKD with synchronized BN: 2 replicas == 1 device on the same global batch."""
+    _run_processes([([sys.executable, WORKER, "mirrored_vs_default", str(tmp_path)], _env())],
+                   str(tmp_path))
+    data = _load_state(tmp_path / "mirrored_vs_default.npz")
+    assert int(data["default:replicas"]) == 1
+    assert int(data["mirrored:replicas"]) == 2
+    assert int(data["default:iterations"]) == int(data["mirrored:iterations"]) == 4
+    np.testing.assert_allclose(data["mirrored:loss"], data["default:loss"], rtol=1e-5)
+    def variables(run):
+        return {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(f"{run}:") and "/" in k}
+
+    default, mirrored = variables("default"), variables("mirrored")
+    assert len(default) > 100, "teacher, peer and student variables are all compared"
+    assert _max_difference(default, mirrored) < 1e-5
+
+
+def _train_workers(out_dir, epochs):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    commands = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        commands.append(([sys.executable, WORKER, "train", str(out_dir), str(epochs)],
+                         _env(TF_CONFIG=tf_config)))
+    _run_processes(commands, str(out_dir))
+    results = []
+    for index in range(2):
+        with open(out_dir / f"result_{index}.json") as f:
+            results.append(json.load(f))
+    return results
+
+
+@pytest.mark.slow
+def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_path):
+    """(b) 2 workers on 127.0.0.1: identical weights, chief-only files, resume."""
+    # Phase 1: one epoch, then the workers exit as if the job was stopped.
+    phase_one = _train_workers(tmp_path, epochs=1)
+    assert [r["chief"] for r in phase_one] == [True, False]
+    assert all(r["custom_loop"] and r["replicas"] == 2 for r in phase_one)
+    assert all(r["first_epoch"] == 0 for r in phase_one)
+    assert distribute.read_backup_epoch(str(tmp_path / "backup")) == 1
+    # Phase 2: new processes resume from the chief's backup and run epoch 2.
+    phase_two = _train_workers(tmp_path, epochs=2)
+    for result in phase_two:
+        assert result["first_epoch"] == 1
+        assert len(result["history"]["loss"]) == 1, "only the second epoch ran"
+        assert result["iterations"] == 4
+    assert phase_two[0]["history"] == phase_two[1]["history"]
+    worker_states = [_load_state(tmp_path / f"weights_{i}.npz") for i in range(2)]
+    assert _max_difference(worker_states[0], worker_states[1]) == 0.0
+
+    # Only the chief's checkpoint is kept; the other worker's temp dir is gone.
+    assert os.listdir(tmp_path / "checkpoints") == ["student.keras"]
+    assert phase_two[0]["write_dir"] == str(tmp_path / "checkpoints")
+    assert not os.path.exists(phase_two[1]["write_dir"])
+
+    # The same two epochs in one process on the same global batches.
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    _run_processes([([sys.executable, WORKER, "train", str(reference_dir), "2"], _env())],
+                   str(reference_dir))
+    reference = _load_state(reference_dir / "weights_0.npz")
+    assert _max_difference(worker_states[0], reference) < 1e-5
+    with open(reference_dir / "result_0.json") as f:
+        reference_history = json.load(f)["history"]
+    for key, values in phase_two[0]["history"].items():
+        np.testing.assert_allclose(
+            values, reference_history[key][-1:], rtol=1e-5, atol=1e-6, err_msg=key
+        )
