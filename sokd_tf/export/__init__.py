@@ -8,12 +8,11 @@ turns load failures into `ExportError`. The pieces (`export_saved_model`,
 
 from sokd_tf.export.exporter import (
     REPORT_FILE,
-    check_student,
     export_student,
     load_student,
     verify_saved_model,
 )
-from sokd_tf.export.preprocess import normalize_numpy, normalize_pixels
+from sokd_tf.export.preprocess import check_student, normalize_numpy, normalize_pixels
 from sokd_tf.export.qat import quantization_aware_finetune, rebuild_in_tf_keras
 from sokd_tf.export.report import add_ratios, format_table, goals
 from sokd_tf.export.saved_model import export_saved_model

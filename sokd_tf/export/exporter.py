@@ -24,7 +24,7 @@ from sokd_tf.config import ExportConfig
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.errors import ExportError
 from sokd_tf.export import qat, saved_model, serving, tflite
-from sokd_tf.export.preprocess import check_images, normalize_numpy
+from sokd_tf.export.preprocess import check_images, check_student, normalize_numpy
 from sokd_tf.export.report import add_ratios
 
 REPORT_FILE = "report.json"
@@ -50,24 +50,6 @@ def load_student(path: str) -> keras.Model:
     if not isinstance(student, keras.Model):
         raise ExportError(f"{path!r} holds a {type(student).__name__}, not a Keras model")
     return student
-
-
-def check_student(student: keras.Model, info: DatasetInfo) -> None:
-    """Raises ExportError unless `student` maps `info.image_shape` images to class logits."""
-    if not isinstance(student, keras.Model) or len(student.inputs or []) != 1:
-        raise ExportError("the student must be a functional keras.Model with one image input")
-    input_shape = tuple(student.inputs[0].shape[1:])
-    if input_shape != tuple(info.image_shape):
-        raise ExportError(
-            f"student {student.name!r} takes images of shape {input_shape} but dataset "
-            f"{info.name!r} has {tuple(info.image_shape)}"
-        )
-    output_shape = tuple(student.outputs[0].shape[1:])
-    if output_shape != (info.num_classes,):
-        raise ExportError(
-            f"student {student.name!r} outputs {output_shape} but dataset {info.name!r} has "
-            f"{info.num_classes} classes"
-        )
 
 
 def verify_saved_model(

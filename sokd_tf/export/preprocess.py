@@ -6,6 +6,7 @@ normalisation `(pixels / 255 - mean) / std` of `DatasetInfo` lives inside the gr
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -103,3 +104,21 @@ def check_images(images: np.ndarray | None, info: DatasetInfo, what: str) -> np.
 
 def _expected(info: DatasetInfo) -> str:
     return f"expected raw pixels [n >= 1, {', '.join(map(str, info.image_shape))}] in [0, 255]"
+
+
+def check_student(student: keras.Model, info: DatasetInfo) -> None:
+    """Raises ExportError unless `student` maps `info.image_shape` images to class logits."""
+    if not isinstance(student, keras.Model) or len(student.inputs or []) != 1:
+        raise ExportError("the student must be a functional keras.Model with one image input")
+    input_shape = tuple(student.inputs[0].shape[1:])
+    if input_shape != tuple(info.image_shape):
+        raise ExportError(
+            f"student {student.name!r} takes images of shape {input_shape} but dataset "
+            f"{info.name!r} has {tuple(info.image_shape)}"
+        )
+    output_shape = tuple(student.outputs[0].shape[1:])
+    if output_shape != (info.num_classes,):
+        raise ExportError(
+            f"student {student.name!r} outputs {output_shape} but dataset {info.name!r} has "
+            f"{info.num_classes} classes"
+        )

@@ -25,7 +25,12 @@ import tensorflow as tf
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.errors import ExportError
 from sokd_tf.export import serving
-from sokd_tf.export.preprocess import check_images, decode_examples, normalize_pixels
+from sokd_tf.export.preprocess import (
+    check_images,
+    check_student,
+    decode_examples,
+    normalize_pixels,
+)
 
 CLASS_NAMES_ASSET = "class_names.txt"
 
@@ -113,6 +118,7 @@ def export_saved_model(
       ExportError: existing version, bad warm-up images, or a failed write (nothing is
         left behind).
     """
+    check_student(student, info)
     warmup_images_uint8 = check_images(warmup_images_uint8, info, "warm-up images")
     if not model_name or os.sep in model_name or model_name.startswith("."):
         raise ExportError(f"export.model_name must be a plain directory name, got {model_name!r}")

@@ -1,0 +1,157 @@
+"""LiteRT variants: run in the interpreter, agree with Keras; QAT starts from the student."""
+
+import json
+import os
+
+import export_support as support
+import keras
+import numpy as np
+import pytest
+
+from sokd_tf import export
+from sokd_tf.errors import ExportError
+from sokd_tf.export import qat, tflite
+
+VARIANTS = ("fp32", "fp16", "dynamic_int8", "int8", "int8_float_io", "qat_int8")
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    return support.exported(str(tmp_path_factory.getbasetemp() / "trained"))
+
+
+def _ops(path):
+    classifier = tflite.LiteRTClassifier(path)
+    return [op["op_name"] for op in classifier.interpreter._get_ops_details()]
+
+
+def _tensor_dtypes(path):
+    classifier = tflite.LiteRTClassifier(path)
+    return [np.dtype(t["dtype"]).name for t in classifier.interpreter.get_tensor_details()]
+
+
+@pytest.mark.slow
+def test_every_variant_runs_in_litert_and_agrees_with_keras(trained_export):
+    export_dir, report = trained_export
+    with open(os.path.join(export_dir, export.REPORT_FILE)) as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    assert tuple(report["tflite"]) == VARIANTS
+    keras_top1 = report["keras"]["top1"]
+    assert keras_top1 > 0.6, "the fixture student should have learned something"
+    fp32_size = report["tflite"]["fp32"]["size_bytes"]
+    for variant, result in report["tflite"].items():
+        path = os.path.join(export_dir, "tflite", f"{variant}.tflite")
+        assert result["path"] == path and os.path.getsize(path) == result["size_bytes"]
+        assert result["num_examples"] == support.TEST_SIZE
+        assert result["latency_ms_median"] > 0 and result["latency_runs"] == 20
+        if variant in ("fp32", "fp16"):
+            assert result["agreement"] >= 0.995, variant
+        elif variant == "qat_int8":
+            # QAT moves the weights a little: no more than 1 pt worse than Keras.
+            assert result["top1"] >= keras_top1 - 0.01, variant
+        else:
+            assert abs(result["top1"] - keras_top1) <= 0.01, variant
+            assert result["agreement"] >= 0.97, variant
+        if variant in ("int8", "int8_float_io", "qat_int8"):
+            assert result["size_bytes"] < fp32_size / 3, variant
+    assert report["tflite"]["fp16"]["size_bytes"] < 0.6 * fp32_size
+    assert report["saved_model"]["verification"]["serving_default"]["agreement"] == 1.0
+    assert report["saved_model"]["verification"]["predict_examples"]["agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_fp32_file_reproduces_keras_logits_from_raw_pixels(trained_export):
+    export_dir, _ = trained_export
+    info, _, _, test_images, _ = support.data()
+    expected = support.keras_logits(support.trained_student(), test_images[:100], info)
+    classifier = tflite.LiteRTClassifier(os.path.join(export_dir, "tflite", "fp32.tflite"))
+    np.testing.assert_allclose(classifier.logits(test_images[:100]), expected, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_full_integer_files_take_raw_uint8_pixels_and_use_builtin_int_kernels(trained_export):
+    export_dir, report = trained_export
+    for variant in ("int8", "qat_int8"):
+        path = os.path.join(export_dir, "tflite", f"{variant}.tflite")
+        classifier = tflite.LiteRTClassifier(path)
+        assert classifier.input_dtype == "uint8"
+        # Calibrated on raw 0..255 pixels: the uint8 input IS the raw pixel value.
+        assert classifier.input_quantization == (1.0, 0)
+        assert report["tflite"][variant]["input_quantization"] == {"scale": 1.0, "zero_point": 0}
+        assert "float32" not in _tensor_dtypes(path), variant
+    float_io = os.path.join(export_dir, "tflite", "int8_float_io.tflite")
+    assert tflite.LiteRTClassifier(float_io).input_dtype == "float32"
+    # Float only at the two ends (input pixels and output logits) around int8 kernels.
+    assert _tensor_dtypes(float_io).count("float32") == 2
+    for variant in VARIANTS:
+        ops = _ops(os.path.join(export_dir, "tflite", f"{variant}.tflite"))
+        assert "CONV_2D" in ops and "FULLY_CONNECTED" in ops
+        assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], variant
+
+
+@pytest.mark.slow
+def test_tf_keras_rebuild_reproduces_keras_logits_and_qat_starts_from_its_weights():
+    info, _, _, test_images, _ = support.data()
+    student = support.trained_student()
+    normalized = export.normalize_numpy(test_images[:128], info)
+    rebuilt = qat.rebuild_in_tf_keras(student)
+    expected = np.asarray(student(normalized, training=False))
+    np.testing.assert_allclose(rebuilt(normalized, training=False).numpy(), expected,
+                               atol=1e-4)
+    assert np.argmax(expected, -1).tolist() == np.argmax(rebuilt(normalized).numpy(), -1).tolist()
+
+    qat_model = qat.quantization_aware_model(rebuilt)
+    kernels = 0
+    for layer in qat_model.layers:
+        inner = getattr(layer, "layer", None)
+        if inner is not None and hasattr(inner, "kernel"):
+            np.testing.assert_array_equal(inner.kernel.numpy(),
+                                          student.get_layer(inner.name).kernel.numpy())
+            kernels += 1
+    assert kernels == sum(1 for layer in student.layers if hasattr(layer, "kernel"))
+    bn = [layer for layer in qat_model.layers if type(layer).__name__ == "BatchNormalization"]
+    assert bn and all(not layer.trainable for layer in bn)
+
+
+def test_tiny_fp32_and_int8_match_keras(tmp_path):
+    info, train_images, _, test_images, _ = support.data()
+    student = support.tiny_student(info)
+    expected = support.keras_logits(student, test_images[:50], info)
+    for variant in ("fp32", "int8"):
+        path = tflite.write_tflite(
+            tflite.convert_tflite(variant, student, info,
+                                  representative_images_uint8=train_images,
+                                  representative_size=50),
+            str(tmp_path / f"{variant}.tflite"))
+        logits = tflite.LiteRTClassifier(path).logits(test_images[:50])
+        tolerance = 1e-4 if variant == "fp32" else 0.1 * np.abs(expected).max()
+        np.testing.assert_allclose(logits, expected, atol=tolerance)
+
+
+class Scale(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+
+
+def test_rebuild_rejects_layers_without_tf_keras_twin():
+    info = support.data()[0]
+    images = keras.Input(info.image_shape)
+    x = Scale(name="my_scale")(images)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(images, keras.layers.Dense(info.num_classes)(x))
+    with pytest.raises(ExportError, match="my_scale"):
+        qat.rebuild_in_tf_keras(model)
+
+    x = keras.ops.abs(keras.layers.Flatten()(images))
+    model = keras.Model(images, keras.layers.Dense(info.num_classes)(x))
+    with pytest.raises(ExportError, match="not a Keras layer"):
+        qat.rebuild_in_tf_keras(model)
+
+
+def test_unknown_variant_and_missing_calibration_data_are_rejected():
+    info = support.data()[0]
+    student = support.tiny_student(info)
+    with pytest.raises(ExportError, match="unknown TFLite variant"):
+        tflite.convert_tflite("int4", student, info)
+    with pytest.raises(ExportError, match="representative dataset.*missing"):
+        tflite.convert_tflite("int8", student, info)
