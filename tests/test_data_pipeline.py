@@ -80,6 +80,18 @@ def test_each_epoch_is_a_permutation_with_its_own_partial_batch():
         np.testing.assert_array_equal(y1, y2)
 
 
+def test_steps_per_epoch_cap_keeps_epochs_aligned():
+    dataset = _synthetic(size=50)
+    full = _epochs(dataset, 16, seed=3, first_epoch=0, count=3)
+    capped = list(dataset.train_batches(16, seed=3, steps_per_epoch=2).take(6))
+    for epoch in range(3):
+        for step in range(2):
+            np.testing.assert_array_equal(capped[2 * epoch + step][1], full[epoch][step][1])
+            np.testing.assert_array_equal(capped[2 * epoch + step][0], full[epoch][step][0])
+    with pytest.raises(DataError, match=r"steps_per_epoch=5 must be in \[1, 4\]"):
+        dataset.train_batches(16, seed=3, steps_per_epoch=5)
+
+
 def test_drop_remainder_gives_full_batches_only():
     dataset = _synthetic(size=50, drop_remainder=True)
     assert dataset.steps_per_epoch(16) == 3

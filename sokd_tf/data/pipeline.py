@@ -158,7 +158,11 @@ class ImageDataset:
           `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`.
         """
         drop = self._drop_remainder if drop_remainder is None else drop_remainder
-        self.steps_per_epoch(batch_size, drop)
+        full_steps = self.steps_per_epoch(batch_size, drop)
+        if steps_per_epoch is not None and not 1 <= steps_per_epoch <= full_steps:
+            # A larger cap would let a Keras epoch run into the next data epoch.
+            raise DataError(f"steps_per_epoch={steps_per_epoch} must be in [1, {full_steps}] "
+                            f"(batches in one pass over the train split)")
         train = self._splits["train"]
         base_seed = tf.constant(seed, tf.int64)
 
