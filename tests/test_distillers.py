@@ -354,3 +354,55 @@ def test_sokd_learns_a_small_problem():
                                return_dict=True)
     assert results["student/top1"] > 0.8, results  # chance: 0.25
     assert results["peer/top1"] > 0.8, results
+
+
+MIRRORED_SCRIPT = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from sokd_tf import distillers, models
+from sokd_tf.config import TrainConfig
+from sokd_tf.models import peer as peer_lib
+
+images = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype("float32")
+labels = np.arange(16) % 10
+
+def make():
+    keras.utils.set_random_seed(0)
+    build = models.BUILDERS["wrn_16_1"]
+    teacher = build((16, 16, 3), 10, name="teacher", synchronized_bn=True)
+    student = build((16, 16, 3), 10, name="student", synchronized_bn=True)
+    trainer = distillers.SemiOnlineDistiller(teacher, peer_lib.build_peer(teacher), student)
+    config = TrainConfig(peer_learning_rate=0.05, weight_decay=0.05)
+    trainer.compile(optimizer=distillers.make_optimizer(config, 2))
+    return trainer
+
+one = make()
+one.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    two = make()
+two.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+for role in ("student", "peer", "teacher"):
+    pairs = zip(getattr(one, role).weights, getattr(two, role).weights)
+    print(role, max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in pairs))
+"""
+
+
+@pytest.mark.slow
+def test_two_replicas_apply_the_same_update_as_one_device(tmp_path):
+    """Global-batch loss, L2 / replicas and role scales under MirroredStrategy (sync BN)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    differences = dict(line.split() for line in result.stdout.strip().splitlines()[-3:])
+    assert set(differences) == {"student", "peer", "teacher"}
+    assert all(float(value) < 1e-5 for value in differences.values()), differences
