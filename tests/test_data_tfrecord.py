@@ -232,3 +232,14 @@ def test_truncated_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(DataError, match="train-00000-of-00001.tfrecord: corrupt or truncated"):
         load_dataset(_config(tmp_path))
+
+
+def test_malformed_metadata_is_named(tmp_path):
+    _good_dir(tmp_path)
+    (tmp_path / "dataset_info.json").write_text("{not json")
+    with pytest.raises(DataError, match="dataset_info.json: not valid JSON"):
+        load_dataset(_config(tmp_path))
+    (tmp_path / "dataset_info.json").unlink()
+    (tmp_path / "classes.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="classes.txt: no class names"):
+        load_dataset(_config(tmp_path))

@@ -6,6 +6,9 @@ Data-dir convention: `data_dir` holds the four original files
 Debian package `dataset-fashion-mnist` installs them under
 `/usr/share/datasets/fashion-mnist` (`sokd_tf.config.FASHION_MNIST_DIR`).
 
+The whole dataset is held in memory (55 MB of uint8), so `DataConfig.cache` does not
+apply to this source.
+
 IDX format: big-endian int32 magic (2051 images, 2049 labels), the item count, for
 images the row and column counts, then the uint8 payload. Every header field and the
 payload length are checked.
