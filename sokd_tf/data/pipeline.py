@@ -152,7 +152,9 @@ class ImageDataset:
             random horizontal flip, as configured).
           drop_remainder: drop each epoch's last partial batch; None = the DataConfig's.
           steps_per_epoch: keep only the first this many batches of every epoch (short
-            runs); None = whole epochs. Epoch e still depends only on (seed, e).
+            runs, `TrainConfig.steps_per_epoch`), at most one full pass so data epochs
+            stay aligned with Keras epochs; None = whole epochs. Epoch e still depends
+            only on (seed, e).
 
         Returns:
           `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`.
