@@ -1,0 +1,441 @@
+"""Images/s of one training step: vanilla, KD, DML and SOKD, against a PyTorch reference.
+
+WRN-40-2 -> WRN-40-1, 32x32x3 random images, 100 classes. Every configuration
+(batch, method, precision, XLA) runs in its own process, so its dtype policy, XLA
+state and peak memory are its own. The timed step is exactly what `Model.fit` runs
+(`make_train_function()` of the compiled distiller); warm-up steps (tracing,
+compilation) are excluded. A timed window is kept only when the process used at
+least 90 % of its threads' CPU time (otherwise another program took the cores; the
+window is retried), as the PyTorch reference does.
+
+In the same run it measures the machine's practical peak (a large float32 and bfloat16
+matmul on the same threads) and runs the PyTorch reference script in its own virtual
+environment (`.bench_venv`, created on first use with `pip install torch==2.13.0 numpy`
+unless `--no-install`; torch is never a dependency of this project).
+
+Usage (from the repository root):
+  python benchmarks/step_throughput.py --batch=64 [--batch=128] \
+      [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16] \
+      [--jit=off,on] [--steps=5] [--repeats=5] [--markdown=benchmarks/out.md]
+
+FLOPs per image (forward + backward, 2 FLOPs per multiply-add) are counted from the
+Keras models: a trained network costs 3x its forward pass (forward, input gradient,
+weight gradient), a frozen one 1x (KD's teacher; SOKD's teacher trunk and head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TORCH_SCRIPT = os.path.join(
+    os.path.dirname(REPO_ROOT), "shared", "bench", "sokd_torch_throughput.py"
+)
+DEFAULT_BENCH_VENV = os.path.join(REPO_ROOT, ".bench_venv")
+METHODS = ("vanilla", "kd", "dml", "sokd")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 100
+TEACHER, STUDENT = "wrn_40_2", "wrn_40_1"
+# The issue's figures (GFLOP per image per training step), for comparison.
+ISSUE_GFLOP_PER_IMAGE = {"vanilla": 0.50, "kd": 1.15, "sokd": 1.81}
+
+
+# --- worker side (one configuration per process) ----------------------------------------
+
+
+def _forward_macs(model) -> int:
+    """Multiply-adds of one forward pass of one image through Conv2D/Dense layers."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += _forward_macs(layer)
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, height, width, channels_out = layer.output.shape
+            kernel_h, kernel_w, channels_in, _ = layer.kernel.shape
+            total += height * width * channels_out * kernel_h * kernel_w * channels_in
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.kernel.shape[0] * layer.kernel.shape[1]
+    return int(total)
+
+
+def _build(method: str, teacher_bn_mode: dict[str, str]):
+    """The compiled distiller of `method` and its training GFLOP per image."""
+    from sokd_tf import distillers, models
+    from sokd_tf.models import peer as peer_lib
+
+    def build(name, role):
+        return models.build(name, IMAGE_SHAPE, NUM_CLASSES, model_name=role)
+
+    student = build(STUDENT, "student")
+    student_macs = _forward_macs(student)
+    if method == "vanilla":
+        trainer = distillers.VanillaTrainer(student)
+        macs = 3 * student_macs
+    elif method == "kd":
+        teacher = build(TEACHER, "teacher")
+        trainer = distillers.KnowledgeDistiller(
+            teacher, student, teacher_bn_mode=teacher_bn_mode["kd"]
+        )
+        macs = 3 * student_macs + _forward_macs(teacher)
+    elif method == "dml":
+        peer = build(TEACHER, "peer")
+        trainer = distillers.MutualLearner(peer, student)
+        macs = 3 * student_macs + 3 * _forward_macs(peer)
+    else:
+        teacher = build(TEACHER, "teacher")
+        peer = peer_lib.build_peer(teacher)
+        trainer = distillers.SemiOnlineDistiller(
+            teacher, peer, student, teacher_bn_mode=teacher_bn_mode["sokd"]
+        )
+        macs = 3 * student_macs + _forward_macs(teacher) + 3 * _forward_macs(peer)
+    return trainer, 2 * macs / 1e9
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(args) -> dict:
+    """Times one configuration; returns its record."""
+    import numpy as np
+    import tensorflow as tf
+
+    if args.intra_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_threads)
+    if args.inter_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
+    import keras
+
+    from sokd_tf import distillers, distribute
+    from sokd_tf.config import TrainConfig
+
+    distribute.set_precision(args.precision)
+    keras.utils.set_random_seed(0)
+    rss_runtime = _peak_rss_mib()
+    trainer, gflop_per_image = _build(
+        args.method, {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}
+    )
+    trainer.compile(
+        optimizer=distillers.make_optimizer(TrainConfig(), 391),
+        jit_compile=args.jit == "on",
+    )
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(args.batch, *IMAGE_SHAPE)).astype("float32")
+    labels = rng.integers(0, NUM_CLASSES, args.batch).astype("int32")
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    trainer.make_train_function()
+    train_function = trainer.train_function
+
+    def run(steps):
+        for _ in range(steps):
+            logs = train_function(iterator)
+        # The step's outputs only exist once the step has run: this waits for it.
+        if hasattr(logs, "get_value"):
+            logs = logs.get_value()
+        return float(keras.ops.convert_to_numpy(logs["loss"]))
+
+    start = time.perf_counter()
+    run(args.warmup)
+    warmup_s = time.perf_counter() - start
+    threads = args.intra_threads or os.cpu_count()
+    rates, cpu_use, tries = [], [], 0
+    while len(rates) < args.repeats and tries < 3 * args.repeats:
+        tries += 1
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = run(args.steps)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        cpu_use.append(round(cpu / wall, 2))
+        if cpu / wall >= args.min_cpu_use * min(threads, os.cpu_count()):
+            rates.append(args.batch * args.steps / wall)
+    return {
+        "method": args.method,
+        "precision": args.precision,
+        "jit": args.jit,
+        "batch": args.batch,
+        "images_per_s_median": round(statistics.median(rates), 1) if rates else None,
+        "images_per_s_min": round(min(rates), 1) if rates else None,
+        "images_per_s_max": round(max(rates), 1) if rates else None,
+        "cpu_use_per_window": cpu_use,
+        "contended": len(rates) < args.repeats,
+        "gflop_per_image": round(gflop_per_image, 4),
+        "warmup_s": round(warmup_s, 1),
+        "final_loss_finite": bool(np.isfinite(loss)),
+        "rss_after_import_mib": round(rss_runtime),
+        "peak_rss_mib": round(_peak_rss_mib()),
+        "threads": {"intra": args.intra_threads, "inter": args.inter_threads},
+    }
+
+
+def run_peak_worker(args) -> dict:
+    """Practical matmul peak (GFLOP/s) in float32 and bfloat16 on the same threads."""
+    import tensorflow as tf
+
+    if args.intra_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_threads)
+    size = args.matmul_size
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        a = tf.random.normal((size, size), dtype="float32")
+        a = tf.cast(a, dtype)
+        b = tf.cast(tf.random.normal((size, size), dtype="float32"), dtype)
+        matmul = tf.function(lambda a, b: tf.linalg.matmul(a, b))
+        matmul(a, b).numpy()
+        best = 0.0
+        for _ in range(args.repeats * 2):
+            start = time.perf_counter()
+            for _ in range(3):
+                result = matmul(a, b)
+            result.numpy()
+            best = max(best, 3 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+        out[dtype] = round(best, 1)
+    return out
+
+
+# --- driver side ----------------------------------------------------------------------
+
+
+def _run_child(command, env=None, timeout_s=1800):
+    """Runs a child process; returns (its last JSON line, its peak RSS in MiB)."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        env=env,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+_RSS_WRAPPER = (
+    "import json, resource, runpy, sys; script = sys.argv[1]; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(script, run_name='__main__'); "
+    "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+)
+
+
+def _run_torch_reference(python, script, batch, steps, repeats, threads):
+    """The PyTorch script's JSON plus its process's peak RSS (via a runpy wrapper)."""
+    command = [python, "-c", _RSS_WRAPPER, script, f"--batch={batch}", f"--steps={steps}",
+               f"--repeats={repeats}", f"--threads={threads}"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if process.returncode != 0:
+        raise RuntimeError(f"PyTorch reference failed:\n{process.stderr[-3000:]}")
+    lines = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+    return dict(lines[-2], peak_rss_mib=round(lines[-1]["peak_rss_mib"]))
+
+
+def _ensure_bench_venv(venv: str, install: bool) -> str | None:
+    python = os.path.join(venv, "bin", "python")
+    if os.path.exists(python):
+        probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
+        if probe.returncode == 0:
+            return python
+    if not install:
+        return None
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "torch==2.13.0", "numpy"], check=True
+    )
+    return python
+
+
+def _worker_command(args, method, precision, jit, batch):
+    command = [
+        sys.executable, os.path.abspath(__file__), "--worker",
+        f"--method={method}", f"--precision={precision}", f"--jit={jit}", f"--batch={batch}",
+        f"--steps={args.steps}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+        f"--kd_teacher_bn={args.kd_teacher_bn}", f"--sokd_teacher_bn={args.sokd_teacher_bn}",
+        f"--min_cpu_use={args.min_cpu_use}",
+    ]
+    if args.intra_threads:
+        command.append(f"--intra_threads={args.intra_threads}")
+    if args.inter_threads:
+        command.append(f"--inter_threads={args.inter_threads}")
+    return command
+
+
+def _fmt(value, pattern="{:.1f}"):
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _table(records, peak, torch_by_batch) -> str:
+    lines = [
+        "| batch | method | precision | XLA | images/s median (min-max) | x PyTorch fp32 "
+        "| GFLOP/img | GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | CPU use |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        torch_rate = (torch_by_batch.get(r["batch"]) or {}).get(r["method"])
+        rate = r["images_per_s_median"]
+        achieved = rate * r["gflop_per_image"] if rate else None
+        lines.append(
+            f"| {r['batch']} | {r['method']} | {r['precision']} | {r['jit']} | "
+            f"{_fmt(rate)} ({_fmt(r['images_per_s_min'])}-{_fmt(r['images_per_s_max'])}) | "
+            f"{_fmt(rate / torch_rate if rate and torch_rate else None, '{:.2f}')} | "
+            f"{r['gflop_per_image']:.3f} | {_fmt(achieved)} | "
+            f"{_fmt(100 * achieved / peak['float32'] if achieved else None, '{:.0f}')} | "
+            f"{_fmt(100 * achieved / peak['bfloat16'] if achieved else None, '{:.0f}')} | "
+            f"{r['peak_rss_mib']} | {max(r['cpu_use_per_window'], default=0):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _ratios(records, flop_ratio) -> str:
+    lines = []
+    keyed = {(r["batch"], r["method"], r["precision"], r["jit"]): r for r in records}
+    for (batch, method, precision, jit), sokd in sorted(keyed.items()):
+        kd = keyed.get((batch, "kd", precision, jit))
+        if method != "sokd" or not kd or not kd["images_per_s_median"]:
+            continue
+        if not sokd["images_per_s_median"]:
+            continue
+        time_ratio = kd["images_per_s_median"] / sokd["images_per_s_median"]
+        verdict = "within" if time_ratio <= flop_ratio * 1.02 else "ABOVE"
+        lines.append(
+            f"- batch {batch}, {precision}, XLA {jit}: SOKD/KD step time {time_ratio:.2f} "
+            f"vs FLOP ratio {flop_ratio:.2f} ({verdict} the FLOP ratio)"
+        )
+    return "\n".join(lines)
+
+
+def run_driver(args) -> None:
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = os.getloadavg()
+    methods = args.methods.split(",")
+    precisions = args.precisions.split(",")
+    jits = args.jit.split(",")
+    print(f"# step_throughput {started}; load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}; {os.cpu_count()} CPUs", flush=True)
+
+    peak_command = [sys.executable, os.path.abspath(__file__), "--peak",
+                    f"--repeats={args.repeats}", f"--matmul_size={args.matmul_size}"]
+    if args.intra_threads:
+        peak_command.append(f"--intra_threads={args.intra_threads}")
+    peak = _run_child(peak_command)
+    print(f"matmul peak (TF, {args.matmul_size}^2): float32 {peak['float32']} GFLOP/s, "
+          f"bfloat16 {peak['bfloat16']} GFLOP/s", flush=True)
+
+    torch_by_batch, torch_raw = {}, {}
+    torch_python = None if args.no_torch else _ensure_bench_venv(args.bench_venv, args.install)
+    if torch_python and os.path.exists(args.torch_script):
+        threads = args.intra_threads or os.cpu_count()
+        for batch in args.batch:
+            output = _run_torch_reference(torch_python, args.torch_script, batch,
+                                          args.steps, args.repeats, threads)
+            torch_raw[batch] = output
+            torch_by_batch[batch] = {
+                mode: values["images_per_s_median"] for mode, values in output["modes"].items()
+            }
+            print(f"PyTorch batch {batch}: {json.dumps(torch_raw[batch])}", flush=True)
+    else:
+        print("PyTorch reference skipped (no --torch_script or bench venv)", flush=True)
+
+    records = []
+    for batch in args.batch:
+        for method in methods:
+            for precision in precisions:
+                for jit in jits:
+                    record = _run_child(_worker_command(args, method, precision, jit, batch))
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
+
+    flops = {r["method"]: r["gflop_per_image"] for r in records}
+    flop_ratio = flops["sokd"] / flops["kd"] if "sokd" in flops and "kd" in flops else 1.57
+    end_load = os.getloadavg()
+    report = [
+        f"Run {started} to {time.strftime('%H:%M UTC', time.gmtime())}; load average at start "
+        f"{load[0]:.2f}, at end {end_load[0]:.2f}; {os.cpu_count()} CPUs; "
+        f"threads intra={args.intra_threads or 'default'} inter={args.inter_threads or 'default'}.",
+        f"Measured matmul peak: float32 {peak['float32']} GFLOP/s, bfloat16 "
+        f"{peak['bfloat16']} GFLOP/s.",
+        "Counted GFLOP per image (this run): "
+        + ", ".join(f"{m} {v:.3f}" for m, v in flops.items())
+        + f" (issue: {ISSUE_GFLOP_PER_IMAGE}).",
+        f"Teacher BN: KD {args.kd_teacher_bn}, SOKD {args.sokd_teacher_bn} (as the PyTorch "
+        "reference: KD teacher in eval mode, SOKD teacher in train mode).",
+        "",
+    ]
+    for batch, raw in torch_raw.items():
+        modes = ", ".join(
+            f"{mode} {values['images_per_s_median']} ({values['images_per_s_min']}-"
+            f"{values['images_per_s_max']})" for mode, values in raw["modes"].items()
+        )
+        report.append(f"PyTorch reference ({raw['framework']}, batch {batch}): {modes} images/s; "
+                      f"peak RSS {raw['peak_rss_mib']} MiB.")
+    report += ["", _table(records, peak, torch_by_batch), "", _ratios(records, flop_ratio)]
+    text = "\n".join(report)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak": peak, "torch": torch_raw, "records": records}, f, indent=1)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, action="append",
+                        help="global batch size; repeat the flag for several (default 64)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--precisions", default="float32,mixed_bfloat16")
+    parser.add_argument("--jit", default="off,on", help="XLA settings to time: off,on")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows per config")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--min_cpu_use", type=float, default=0.9,
+                        help="keep a timed window only above this CPU use per thread")
+    parser.add_argument("--intra_threads", type=int, default=0, help="0 = TF default")
+    parser.add_argument("--inter_threads", type=int, default=0, help="0 = TF default")
+    parser.add_argument("--kd_teacher_bn", default="frozen", choices=("official", "frozen"))
+    parser.add_argument("--sokd_teacher_bn", default="official", choices=("official", "frozen"))
+    parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--torch_script", default=DEFAULT_TORCH_SCRIPT,
+                        help="PyTorch reference script (never copied into this repository)")
+    parser.add_argument("--bench_venv", default=DEFAULT_BENCH_VENV)
+    parser.add_argument("--no-install", dest="install", action="store_false",
+                        help="do not create the bench venv / install torch")
+    parser.add_argument("--no-torch", dest="no_torch", action="store_true")
+    parser.add_argument("--markdown", default="", help="write the report here")
+    parser.add_argument("--json", default="", help="write all records here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.batch = args.batch or [64]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, REPO_ROOT)
+    if args.worker:
+        args.batch = args.batch[0]
+        print(json.dumps(run_worker(args)), flush=True)
+    elif args.peak:
+        print(json.dumps(run_peak_worker(args)), flush=True)
+    else:
+        run_driver(args)
+
+
+if __name__ == "__main__":
+    main()
