@@ -146,6 +146,19 @@ def test_top5_only_with_more_than_five_classes():
     assert [m.name for m in trainer.metrics] == ["loss", "student/ce", "student/top1"]
 
 
+def test_sokd_peer_from_another_stage():
+    teacher, student = build("teacher", 1), build("student", 2)
+    peer = peer_lib.build_peer(teacher, from_stage="group1")
+    with pytest.raises(ConfigError, match="from_stage='group2'"):
+        distillers.SemiOnlineDistiller(teacher, peer, student)
+    trainer = distillers.SemiOnlineDistiller(teacher, peer, student, from_stage="group1")
+    images, labels = random_data(4)
+    terms, logits = trainer.forward(images, labels, training=False)
+    assert set(terms) == set(losses.SOKD_TERMS)
+    assert logits["peer"].shape == logits["student"].shape == (4, CLASSES)
+    assert trainer.get_config()["from_stage"] == "group1"
+
+
 def test_bad_arguments_raise_config_errors():
     teacher, student = build("teacher", 1), build("student", 2)
     with pytest.raises(ConfigError, match="teacher_bn_mode"):

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
-from sokd_tf import losses
+from sokd_tf import losses, models
 from sokd_tf.config import LossConfig, TrainConfig
 from sokd_tf.distillers import base
+from sokd_tf.errors import ConfigError
 from sokd_tf.models import peer as peer_lib
 
 
@@ -38,7 +39,12 @@ class SemiOnlineDistiller(base.Distiller):
       temperature: T of the three KL terms (scaled by T^2).
       weights: one weight per SOKD term; default `LossConfig().sokd_weights()` (all 1).
       teacher_bn_mode: "official" or "frozen".
+      from_stage: teacher stage the peer branches from; default the penultimate stage
+        (must be the stage the peer was built for).
       **kwargs: `keras.Model` arguments (e.g. `name`).
+
+    Raises:
+      ConfigError: bad mode or weights, or a peer that does not fit the teacher stage.
 
     Metrics: `loss`, the five term names, `peer/top1`, `student/top1` (+ `/top5` when
     there are more than 5 classes). `call()` returns the student's logits.
@@ -47,7 +53,8 @@ class SemiOnlineDistiller(base.Distiller):
     def __init__(self, teacher: keras.Model, peer: keras.Model, student: keras.Model,
                  temperature: float = LossConfig.temperature,
                  weights: Mapping[str, float] | None = None,
-                 teacher_bn_mode: str = TrainConfig.teacher_bn_mode, **kwargs):
+                 teacher_bn_mode: str = TrainConfig.teacher_bn_mode,
+                 from_stage: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.teacher = teacher
         self.peer = peer
@@ -55,7 +62,15 @@ class SemiOnlineDistiller(base.Distiller):
         self.temperature = float(temperature)
         self.teacher_bn_mode = teacher_bn_mode
         self.teacher_training = base.prepare_teacher(teacher, teacher_bn_mode)
-        self.teacher_trunk = peer_lib.build_teacher_trunk(teacher)
+        self.from_stage = from_stage or models.penultimate_stage(teacher)
+        self.teacher_trunk = peer_lib.build_teacher_trunk(teacher, from_stage=self.from_stage)
+        features_shape = tuple(self.teacher_trunk.outputs[0].shape[1:])
+        if tuple(peer.inputs[0].shape[1:]) != features_shape:
+            raise ConfigError(
+                f"peer {peer.name!r} takes {tuple(peer.inputs[0].shape[1:])} but teacher stage "
+                f"{self.from_stage!r} gives {features_shape}; build the peer with "
+                f"build_peer(teacher, from_stage={self.from_stage!r})"
+            )
         self._setup(
             term_names=losses.SOKD_TERMS,
             weights=LossConfig().sokd_weights() if weights is None else weights,
@@ -100,6 +115,7 @@ class SemiOnlineDistiller(base.Distiller):
             "temperature": self.temperature,
             "weights": dict(self.loss_weights_by_term),
             "teacher_bn_mode": self.teacher_bn_mode,
+            "from_stage": self.from_stage,
         }
 
     @classmethod
