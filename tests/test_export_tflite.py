@@ -46,12 +46,11 @@ def test_every_variant_runs_in_litert_and_agrees_with_keras(trained_export):
         assert result["latency_ms_median"] > 0 and result["latency_runs"] == 20
         if variant in ("fp32", "fp16"):
             assert result["agreement"] >= 0.995, variant
-        elif variant == "qat_int8":
-            # QAT moves the weights a little: no more than 1 pt worse than Keras.
-            assert result["top1"] >= keras_top1 - 0.01, variant
         else:
-            assert abs(result["top1"] - keras_top1) <= 0.01, variant
-            assert result["agreement"] >= 0.97, variant
+            # Quantization may cost up to ~1 pt (on 1,000 images of a briefly trained
+            # student it sometimes gains as much); QAT also moves the weights a little.
+            assert result["top1"] >= keras_top1 - 0.01, variant
+            assert result["agreement"] >= (0.95 if variant == "qat_int8" else 0.97), variant
         if variant in ("int8", "int8_float_io", "qat_int8"):
             assert result["size_bytes"] < fp32_size / 3, variant
     assert report["tflite"]["fp16"]["size_bytes"] < 0.6 * fp32_size
@@ -104,8 +103,9 @@ def test_tf_keras_rebuild_reproduces_keras_logits_and_qat_starts_from_its_weight
     kernels = 0
     for layer in qat_model.layers:
         inner = getattr(layer, "layer", None)
-        if inner is not None and hasattr(inner, "kernel"):
-            np.testing.assert_array_equal(inner.kernel.numpy(),
+        kernel = [w for w in layer.weights if w.name.endswith("/kernel:0")]
+        if kernel:
+            np.testing.assert_array_equal(kernel[0].numpy(),
                                           student.get_layer(inner.name).kernel.numpy())
             kernels += 1
     assert kernels == sum(1 for layer in student.layers if hasattr(layer, "kernel"))
