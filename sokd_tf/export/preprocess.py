@@ -98,7 +98,7 @@ def check_images(images: np.ndarray | None, info: DatasetInfo, what: str) -> np.
                 f"{what} holds values in [{images.min()}, {images.max()}]: expected raw "
                 "pixels in [0, 255], not normalised images"
             )
-        images = images.astype(np.uint8)
+        images = np.rint(images).astype(np.uint8)
     return images
 
 

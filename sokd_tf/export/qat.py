@@ -26,6 +26,7 @@ Reference: tfmot "Quantization aware training comprehensive guide" (annotate, ap
 from __future__ import annotations
 
 import inspect
+import os
 
 import keras
 import numpy as np
@@ -37,6 +38,7 @@ from sokd_tf.export.preprocess import check_images, normalize_numpy
 # Keras 3 config keys with no tf_keras counterpart that are harmless at their defaults.
 _IGNORED_AT_DEFAULT = {"lora_rank": None, "lora_alpha": None, "quantization_config": None}
 _BASE_LAYER_KEYS = {"name", "trainable", "dtype"}
+_LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
 
 
 def _tf_keras():
@@ -44,6 +46,21 @@ def _tf_keras():
     import tf_keras
 
     return tf_keras
+
+
+def _tfmot():
+    # Importing tfmot sets TF_USE_LEGACY_KERAS=1 (its way of choosing tf_keras) and
+    # resolves `tf.keras` to tf_keras in this process; sokd_tf uses `import keras`
+    # only, so that is harmless here, but the variable must not leak into
+    # subprocesses or later imports.
+    previous = os.environ.get(_LEGACY_KERAS)
+    import tensorflow_model_optimization as tfmot
+
+    if previous is None:
+        os.environ.pop(_LEGACY_KERAS, None)
+    else:
+        os.environ[_LEGACY_KERAS] = previous
+    return tfmot
 
 
 def _tf_keras_layer(layer: keras.layers.Layer):
@@ -168,10 +185,8 @@ def rebuild_in_tf_keras(student: keras.Model, *, check_images_normalized: np.nda
 
 def quantization_aware_model(rebuilt):
     """tfmot QAT model of a tf_keras model: every layer but BatchNormalization annotated."""
-    import tensorflow_model_optimization as tfmot
-
     tf_keras = _tf_keras()
-    quantize = tfmot.quantization.keras
+    quantize = _tfmot().quantization.keras
 
     def annotate(layer):
         if isinstance(layer, (tf_keras.layers.BatchNormalization, tf_keras.layers.InputLayer)):
