@@ -67,10 +67,12 @@ class BestCheckpoints(keras.callbacks.Callback):
       directory: the stage directory the models go to.
       monitor: role -> log key to maximise.
       models: role -> {file stem: keras.Model} saved on that role's new best.
+      initial_epoch: epochs already completed (restored from a backup).
     """
 
-    def __init__(self, directory, monitor, models):
+    def __init__(self, directory, monitor, models, initial_epoch=0):
         super().__init__()
+        self.initial_epoch = initial_epoch
         self.directory = directory
         self.monitor = dict(monitor)
         self.models = models
@@ -79,11 +81,11 @@ class BestCheckpoints(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.best = artifacts.read_json(self.state_path, default={})
-        initial_epoch = self.model._initial_epoch or 0
         # A run killed after a new best but before its backup redoes that epoch: forget
         # bests from epochs the restored state has not completed.
         self.best = {
-            role: record for role, record in self.best.items() if record["epoch"] <= initial_epoch
+            role: record for role, record in self.best.items()
+            if record["epoch"] <= self.initial_epoch
         }
 
     def on_epoch_end(self, epoch, logs=None):
@@ -109,20 +111,24 @@ class BestCheckpoints(keras.callbacks.Callback):
 class MetricHistory(keras.callbacks.Callback):
     """Writes every metric of every epoch to `history.csv` and `history.json`.
 
-    On a resumed run, rows of epochs at or after the restored epoch are dropped first,
-    so each epoch appears exactly once.
+    On a resumed run, rows of epochs after the restored epoch are dropped first, so each
+    epoch appears exactly once.
+
+    Args:
+      directory: where the files go.
+      initial_epoch: epochs already completed (restored from a backup).
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, initial_epoch=0):
         super().__init__()
+        self.initial_epoch = initial_epoch
         self.csv_path = os.path.join(directory, "history.csv")
         self.json_path = os.path.join(directory, "history.json")
         self.rows = []
 
     def on_train_begin(self, logs=None):
-        initial_epoch = self.model._initial_epoch or 0
         rows = artifacts.read_json(self.json_path, default=[])
-        self.rows = [row for row in rows if row["epoch"] <= initial_epoch]
+        self.rows = [row for row in rows if row["epoch"] <= self.initial_epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}

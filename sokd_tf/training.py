@@ -86,11 +86,11 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monito
     if distribute.uses_custom_loop(strategy):
         def evaluate(model, data):
             return custom_loop.evaluate(model, data, strategy=strategy)
-    history = callbacks.MetricHistory(write_dir)
+    history = callbacks.MetricHistory(write_dir, initial_epoch=first_epoch)
     fit_callbacks = [
         callbacks.LearningRateLogger(),
         callbacks.TestSplitEvaluation(test_data, evaluate),
-        callbacks.BestCheckpoints(write_dir, monitor, best_models),
+        callbacks.BestCheckpoints(write_dir, monitor, best_models, initial_epoch=first_epoch),
         history,
         callbacks.EpochSummary(roles, epochs),
         keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
