@@ -306,9 +306,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.batch_size": 128,
         "model.teacher": "wrn_16_2",
         "model.student": "wrn_16_1",
-        "train.teacher_epochs": 4,
-        "train.epochs": 4,
+        "train.teacher_epochs": 1,
+        "train.epochs": 3,
         "train.lr_decay_epochs": (2, 3),
+        "export.qat_max_steps": 100,
     },
     # The paper's recipe: CIFAR-100 via tfds, WRN-40-2 -> WRN-40-1, 200 epochs. The
     # normalisation uses the authors' CIFAR-10 statistics for CIFAR-100 (their quirk).

@@ -80,7 +80,9 @@ def export_stage(config: RunConfig, workdir: str, dataset: ImageDataset, student
     paths = artifacts.Workdir(workdir)
     student_path = student_path or paths.distilled("student", "best")
     student = export.load_student(student_path)
-    train_images, _ = dataset.raw_images("train", limit=config.export.representative_size)
+    # The whole training split: the int8 calibration takes `representative_size` of it,
+    # the QAT fine-tune up to `qat_max_steps` batches.
+    train_images, _ = dataset.raw_images("train")
     test_images, test_labels = dataset.raw_images("test")
     return export.export_student(
         student,

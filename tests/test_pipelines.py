@@ -81,7 +81,7 @@ def test_changed_config_is_refused_unless_overwrite(tmp_path):
     workflow.prepare_workdir(first, str(tmp_path))
     workflow.prepare_workdir(first, str(tmp_path))  # Same config: resumes, no error.
     changed = config_lib.resolve("quickstart", {"train.epochs": 99})
-    with pytest.raises(ConfigError, match=r"train\.epochs: 4 -> 99"):
+    with pytest.raises(ConfigError, match=rf"train\.epochs: {first.train.epochs} -> 99"):
         workflow.prepare_workdir(changed, str(tmp_path))
     (tmp_path / "distill").mkdir()
     workflow.prepare_workdir(changed, str(tmp_path), overwrite=True)
