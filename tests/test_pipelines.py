@@ -126,6 +126,20 @@ def test_run_end_to_end(small_fashion_mnist, tmp_path):
     report = (workdir / "report.md").read_text()
     assert "student" in report and "reconstructed teacher" in report
 
+    # The other entry points work on the finished workdir.
+    result = _pipeline("evaluate", [f"--workdir={workdir}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads(result.stdout[result.stdout.index("{"):])
+    assert 0.0 <= evaluation["student_last"]["top1"] <= 1.0
+    result = _pipeline(
+        "export_student",
+        [f"--workdir={workdir}", f"--student_file={workdir}/distill/student_last.keras",
+         "--tflite_variants=fp32", "--latency_runs=3"],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (workdir / "export" / "serving" / "student").iterdir()) == ["1", "2"]
+
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(small_fashion_mnist, tmp_path):
