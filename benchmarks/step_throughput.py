@@ -149,13 +149,14 @@ def run_worker(args) -> dict:
     run(args.warmup)
     warmup_s = time.perf_counter() - start
     threads = args.intra_threads or os.cpu_count()
-    rates, cpu_use, tries = [], [], 0
+    rates, cpu_use, per_cpu_second, tries = [], [], [], 0
     while len(rates) < args.repeats and tries < 3 * args.repeats:
         tries += 1
         wall, cpu = time.perf_counter(), time.process_time()
         loss = run(args.steps)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         cpu_use.append(round(cpu / wall, 2))
+        per_cpu_second.append(args.batch * args.steps / cpu)
         if cpu / wall >= args.min_cpu_use * min(threads, os.cpu_count()):
             rates.append(args.batch * args.steps / wall)
     return {
@@ -167,6 +168,8 @@ def run_worker(args) -> dict:
         "images_per_s_min": round(min(rates), 1) if rates else None,
         "images_per_s_max": round(max(rates), 1) if rates else None,
         "cpu_use_per_window": cpu_use,
+        # Load-insensitive efficiency: images per CPU-second of this process.
+        "images_per_cpu_s_median": round(statistics.median(per_cpu_second), 1),
         "contended": len(rates) < args.repeats,
         "gflop_per_image": round(gflop_per_image, 4),
         "warmup_s": round(warmup_s, 1),
