@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from sokd_tf.data.info import DatasetInfo
+from sokd_tf.data.pipeline import normalize
 from sokd_tf.errors import ExportError
 
 IMAGE_FEATURE = "image/encoded"
@@ -26,16 +27,12 @@ def normalize_pixels(pixels: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
     Returns:
       `[batch, H, W, C]` float32 `(pixels / 255 - mean) / std`.
     """
-    mean = tf.constant(info.mean, tf.float32)
-    std = tf.constant(info.std, tf.float32)
-    return (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
+    return normalize(pixels, info.mean, info.std)
 
 
 def normalize_numpy(images_uint8: np.ndarray, info: DatasetInfo) -> np.ndarray:
-    """NumPy twin of `normalize_pixels` for feeding the Keras student directly."""
-    mean = np.asarray(info.mean, np.float32)
-    std = np.asarray(info.std, np.float32)
-    return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    """`normalize_pixels` on a NumPy batch, for feeding the Keras student directly."""
+    return normalize(images_uint8, info.mean, info.std).numpy()
 
 
 def decode_examples(serialized: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
