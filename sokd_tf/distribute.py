@@ -303,3 +303,23 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.delete_checkpoint and is_chief(self.strategy):
             shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+
+def evaluate_model(
+    model: keras.Model, dataset, *, strategy: tf.distribute.Strategy, steps: int | None = None
+) -> dict[str, float]:
+    """`model.evaluate(dataset, return_dict=True)` under any strategy.
+
+    Under multi-worker (where Keras' `evaluate` fails like `fit`) it runs
+    `custom_loop.evaluate`; every worker must call it, in the same order.
+
+    Returns:
+      `{metric name: value}` over all replicas' examples.
+    """
+    if uses_custom_loop(strategy):
+        from sokd_tf import custom_loop
+
+        return custom_loop.evaluate(model, dataset, strategy=strategy, steps=steps)
+    with strategy.scope():
+        results = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
+    return {name: float(value) for name, value in results.items()}
