@@ -140,6 +140,7 @@ def train(out_dir, epochs):
         callbacks=[distribute.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)],
         verbose=0,
     )
+    evaluation = distribute.evaluate_model(distiller, _validation_batches(), strategy=strategy)
     # Every worker saves; only the chief's file is kept.
     checkpoint_base = os.path.join(out_dir, "checkpoints")
     write_dir = distribute.worker_checkpoint_dir(checkpoint_base, strategy)
@@ -152,6 +153,7 @@ def train(out_dir, epochs):
         "custom_loop": distribute.uses_custom_loop(strategy),
         "first_epoch": first_epoch,
         "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+        "evaluation": evaluation,
         "iterations": int(keras.ops.convert_to_numpy(distiller.optimizer.iterations)),
         "write_dir": write_dir,
     }

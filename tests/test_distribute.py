@@ -180,6 +180,8 @@ def test_custom_loop_matches_keras_fit():
     assert model.optimizer.iterations.numpy() == 6
     evaluated = custom_loop.evaluate(model, validation, strategy=strategy)
     np.testing.assert_allclose(evaluated["loss"], history["val_loss"][-1], rtol=1e-6)
+    dispatched = distribute.evaluate_model(model, validation, strategy=strategy)
+    np.testing.assert_allclose(dispatched["loss"], evaluated["loss"], rtol=1e-6)
 
 
 def test_custom_loop_calls_callbacks_like_fit(tmp_path):
@@ -337,6 +339,7 @@ def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_pat
         assert len(result["history"]["loss"]) == 1, "only the second epoch ran"
         assert result["iterations"] == 4
     assert phase_two[0]["history"] == phase_two[1]["history"]
+    assert phase_two[0]["evaluation"] == phase_two[1]["evaluation"]
     worker_states = [_load_state(tmp_path / f"weights_{i}.npz") for i in range(2)]
     assert _max_difference(worker_states[0], worker_states[1]) == 0.0
 
@@ -354,6 +357,10 @@ def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_pat
     assert _max_difference(worker_states[0], reference) < 1e-5
     with open(reference_dir / "result_0.json") as f:
         reference_history = json.load(f)["history"]
+    with open(reference_dir / "result_0.json") as f:
+        reference_evaluation = json.load(f)["evaluation"]
+    for key, value in phase_two[0]["evaluation"].items():
+        np.testing.assert_allclose(value, reference_evaluation[key], rtol=1e-5, atol=1e-6)
     for key, values in phase_two[0]["history"].items():
         np.testing.assert_allclose(
             values, reference_history[key][-1:], rtol=1e-5, atol=1e-6, err_msg=key
