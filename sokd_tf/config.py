@@ -171,6 +171,8 @@ class TrainConfig:
         per role, all on the same schedule.
       lr_decay_epochs: epochs at which every rate is multiplied by `lr_decay_factor`
         (stepped per epoch).
+      teacher_lr_decay_epochs: the teacher's own decay epochs (`train_teacher`); None =
+        `lr_decay_epochs` (the paper trains its teacher on the same schedule).
       momentum, nesterov: SGD momentum (PyTorch-style, no Nesterov).
       weight_decay: coupled L2 (wd * w added to the gradient) on every trained variable.
       teacher_bn_mode: "official" (teacher BN on batch statistics, moving statistics
@@ -189,6 +191,7 @@ class TrainConfig:
     peer_learning_rate: float = 0.1
     teacher_learning_rate: float = 0.1
     lr_decay_epochs: tuple[int, ...] = (100, 150)
+    teacher_lr_decay_epochs: tuple[int, ...] | None = None
     lr_decay_factor: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -212,13 +215,14 @@ class TrainConfig:
         _check_range("train.momentum", self.momentum, low=0.0)
         _check_range("train.weight_decay", self.weight_decay, low=0.0)
         _check_range("train.lr_decay_factor", self.lr_decay_factor, low=0.0, strict=True)
-        if list(self.lr_decay_epochs) != sorted(set(self.lr_decay_epochs)) or any(
-            e < 1 for e in self.lr_decay_epochs
-        ):
-            raise ConfigError(
-                f"train.lr_decay_epochs must be strictly increasing positive epochs, "
-                f"got {list(self.lr_decay_epochs)}"
-            )
+        for name in ("lr_decay_epochs", "teacher_lr_decay_epochs"):
+            epochs = getattr(self, name)
+            if epochs is not None and (
+                list(epochs) != sorted(set(epochs)) or any(e < 1 for e in epochs)
+            ):
+                raise ConfigError(
+                    f"train.{name} must be strictly increasing positive epochs, got {list(epochs)}"
+                )
         if self.steps_per_epoch is not None:
             _check_range("train.steps_per_epoch", self.steps_per_epoch, low=1)
 
@@ -304,11 +308,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.data_dir": FASHION_MNIST_DIR,
         "data.normalization": "dataset",
         "data.batch_size": 128,
-        "model.teacher": "wrn_16_2",
-        "model.student": "wrn_16_1",
-        "train.teacher_epochs": 1,
-        "train.epochs": 3,
-        "train.lr_decay_epochs": (2, 3),
+        "model.teacher": "wrn_16_1",
+        "model.student": "wrn_10_1",
+        "train.teacher_epochs": 2,
+        "train.teacher_lr_decay_epochs": (2,),
+        "train.epochs": 4,
+        "train.lr_decay_epochs": (3, 4),
         "export.qat_max_steps": 100,
     },
     # The paper's recipe: CIFAR-100 via tfds, WRN-40-2 -> WRN-40-1, 200 epochs. The

@@ -9,6 +9,7 @@ Reference: SOKD spec, "Optimisation (official recipe, CIFAR-100)".
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -140,9 +141,13 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dic
         teacher = _build(config.model.teacher, info, distribute.use_synchronized_bn(config.model.synchronized_bn, strategy), "teacher")
         trainer = distillers.VanillaTrainer(teacher, role="teacher")
         steps = _steps(config, dataset)
+        teacher_schedule = dataclasses.replace(
+            config.train,
+            lr_decay_epochs=config.train.teacher_lr_decay_epochs or config.train.lr_decay_epochs,
+        )
         trainer.compile(
             optimizer=distillers.make_optimizer(
-                config.train, steps, base_learning_rate=config.train.teacher_learning_rate
+                teacher_schedule, steps, base_learning_rate=config.train.teacher_learning_rate
             ),
             jit_compile=config.train.jit_compile,
         )
