@@ -137,6 +137,24 @@ def _recomputing_sokd_class():
     return RecomputingSemiOnlineDistiller
 
 
+def _select_batch_norm(kind: str) -> None:
+    """Benchmark-only switch of the BN implementation the model builders pick up.
+
+    "fused": every `keras.layers.BatchNormalization` built in this process is a
+    `sokd_tf.fused_batch_norm.FusedBatchNormalization`; "stock": Keras' own layer, also
+    where the library's builders use the fused one. "library": leave the builders alone.
+    """
+    import keras
+
+    from sokd_tf import fused_batch_norm
+
+    stock = keras.layers.BatchNormalization
+    if kind == "fused":
+        keras.layers.BatchNormalization = fused_batch_norm.FusedBatchNormalization
+    elif kind == "stock":
+        fused_batch_norm.FusedBatchNormalization.call = stock.call
+
+
 def _peak_rss_mib() -> float:
     import resource
 
@@ -158,6 +176,7 @@ def run_worker(args) -> dict:
     from sokd_tf.config import TrainConfig
 
     distribute.set_precision(args.precision)
+    _select_batch_norm(args.batch_norm)
     keras.utils.set_random_seed(0)
     rss_runtime = _peak_rss_mib()
     trainer, gflop_per_image = _build(
@@ -214,6 +233,7 @@ def run_worker(args) -> dict:
         "rss_after_import_mib": round(rss_runtime),
         "peak_rss_mib": round(_peak_rss_mib()),
         "threads": {"intra": args.intra_threads, "inter": args.inter_threads},
+        "batch_norm": args.batch_norm,
     }
 
 
@@ -296,13 +316,13 @@ def _ensure_bench_venv(venv: str, install: bool) -> str | None:
     return python
 
 
-def _worker_command(args, method, precision, jit, batch):
+def _worker_command(args, method, precision, jit, batch, batch_norm):
     command = [
         sys.executable, os.path.abspath(__file__), "--worker",
         f"--method={method}", f"--precision={precision}", f"--jit={jit}", f"--batch={batch}",
         f"--steps={args.steps}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
         f"--kd_teacher_bn={args.kd_teacher_bn}", f"--sokd_teacher_bn={args.sokd_teacher_bn}",
-        f"--min_cpu_use={args.min_cpu_use}",
+        f"--min_cpu_use={args.min_cpu_use}", f"--batch_norm={batch_norm}",
     ]
     if args.intra_threads:
         command.append(f"--intra_threads={args.intra_threads}")
@@ -317,9 +337,9 @@ def _fmt(value, pattern="{:.1f}"):
 
 def _table(records, peak, torch_by_batch) -> str:
     lines = [
-        "| batch | method | precision | XLA | images/s median (min-max) | x PyTorch fp32 "
+        "| batch | method | precision | XLA | BN | images/s median (min-max) | x PyTorch fp32 "
         "| GFLOP/img | GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | CPU use |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         torch_rate = (torch_by_batch.get(r["batch"]) or {}).get(r["method"])
@@ -327,6 +347,7 @@ def _table(records, peak, torch_by_batch) -> str:
         achieved = rate * r["gflop_per_image"] if rate else None
         lines.append(
             f"| {r['batch']} | {r['method']} | {r['precision']} | {r['jit']} | "
+            f"{r['batch_norm']} | "
             f"{_fmt(rate)} ({_fmt(r['images_per_s_min'])}-{_fmt(r['images_per_s_max'])}) | "
             f"{_fmt(rate / torch_rate if rate and torch_rate else None, '{:.2f}')} | "
             f"{r['gflop_per_image']:.3f} | {_fmt(achieved)} | "
@@ -339,9 +360,11 @@ def _table(records, peak, torch_by_batch) -> str:
 
 def _ratios(records, flop_ratio) -> str:
     lines = []
-    keyed = {(r["batch"], r["method"], r["precision"], r["jit"]): r for r in records}
-    for (batch, method, precision, jit), sokd in sorted(keyed.items()):
-        kd = keyed.get((batch, "kd", precision, jit))
+    keyed = {
+        (r["batch"], r["method"], r["precision"], r["jit"], r["batch_norm"]): r for r in records
+    }
+    for (batch, method, precision, jit, batch_norm), sokd in sorted(keyed.items()):
+        kd = keyed.get((batch, "kd", precision, jit, batch_norm))
         if method != "sokd" or not kd or not kd["images_per_s_median"]:
             continue
         if not sokd["images_per_s_median"]:
@@ -349,7 +372,8 @@ def _ratios(records, flop_ratio) -> str:
         time_ratio = kd["images_per_s_median"] / sokd["images_per_s_median"]
         verdict = "within" if time_ratio <= flop_ratio * 1.02 else "ABOVE"
         lines.append(
-            f"- batch {batch}, {precision}, XLA {jit}: SOKD/KD step time {time_ratio:.2f} "
+            f"- batch {batch}, {precision}, XLA {jit}, BN {batch_norm}: SOKD/KD step time "
+            f"{time_ratio:.2f} "
             f"vs FLOP ratio {flop_ratio:.2f} ({verdict} the FLOP ratio)"
         )
     return "\n".join(lines)
@@ -392,9 +416,12 @@ def run_driver(args) -> None:
         for method in methods:
             for precision in precisions:
                 for jit in jits:
-                    record = _run_child(_worker_command(args, method, precision, jit, batch))
-                    records.append(record)
-                    print(json.dumps(record), flush=True)
+                    for batch_norm in args.batch_norm.split(","):
+                        record = _run_child(
+                            _worker_command(args, method, precision, jit, batch, batch_norm)
+                        )
+                        records.append(record)
+                        print(json.dumps(record), flush=True)
 
     flops = {r["method"]: r["gflop_per_image"] for r in records}
     flop_ratio = flops["sokd"] / flops["kd"] if "sokd" in flops and "kd" in flops else 1.57
@@ -447,6 +474,9 @@ def parse_args(argv=None):
     parser.add_argument("--inter_threads", type=int, default=0, help="0 = TF default")
     parser.add_argument("--kd_teacher_bn", default="frozen", choices=("official", "frozen"))
     parser.add_argument("--sokd_teacher_bn", default="official", choices=("official", "frozen"))
+    parser.add_argument("--batch_norm", default="library",
+                        help="comma list of BN implementations: library (the builders' "
+                        "choice), stock (Keras' layer), fused (FusedBatchNormalization)")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--torch_script", default=DEFAULT_TORCH_SCRIPT,
                         help="PyTorch reference script (never copied into this repository)")
