@@ -15,6 +15,9 @@ Metrics: Keras metric variables are `ON_READ`-synchronised with SUM aggregation,
 `Mean` tracker read in cross-replica context is the global mean over every replica's
 examples, which is what the epoch logs report. Per-step logs are the replicas' mean.
 
+The step function is a plain `tf.function` (no XLA): `jit_compile` applies to `Model.fit`
+only (on CPU it is slower anyway, see docs/SCALING.md).
+
 Every worker runs this loop in lockstep (same steps, same collective reads); only the
 chief's files are kept (see `sokd_tf.distribute.worker_checkpoint_dir`).
 
