@@ -247,7 +247,9 @@ class BackupAndRestore(keras.callbacks.Callback):
     """`keras.callbacks.BackupAndRestore` with TensorFlow's multi-worker file rules.
 
     At the end of every epoch all workers save (weights, optimizer state and the next
-    epoch) but only the chief's copy lands in `backup_dir`; the others write to
+    epoch; the metadata file is replaced atomically after the weights, so a run killed
+    at any moment resumes from a consistent pair) but only the chief's copy lands in
+    `backup_dir`; the others write to
     temporary directories removed at once. At the start of training every worker
     restores from the chief's `backup_dir` (a filesystem all workers share, as TF's
     multi-worker tutorial assumes), so all replicas resume from identical state. Works
@@ -273,10 +275,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.delete_checkpoint = delete_checkpoint
 
     def on_train_begin(self, logs=None):
-        weights = os.path.join(self.backup_dir, _WEIGHTS_FILE)
-        if not (os.path.exists(weights) and os.path.exists(
-            os.path.join(self.backup_dir, _METADATA_FILE)
-        )):
+        metadata_path = os.path.join(self.backup_dir, _METADATA_FILE)
+        if not os.path.exists(metadata_path):
+            return
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        weights = os.path.join(self.backup_dir, metadata.get("weights", _WEIGHTS_FILE))
+        if not os.path.exists(weights):
             return
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
@@ -285,18 +290,25 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.model.load_weights(weights)
         # The attribute through which Keras' own BackupAndRestore hands `fit` the
         # epoch to resume at; `custom_loop.fit` reads it too.
-        self.model._initial_epoch = read_backup_epoch(self.backup_dir)
+        self.model._initial_epoch = int(metadata["epoch"])
 
     def on_epoch_end(self, epoch, logs=None):
         write_dir = worker_checkpoint_dir(self.backup_dir, self.strategy)
         try:
+            # Weights first under a per-epoch name, then the metadata naming them (the
+            # atomic commit point), then older weights: a kill at any moment leaves a
+            # consistent (weights, epoch) pair.
+            weights_name = f"epoch_{epoch + 1}.weights.h5"
             staging = os.path.join(write_dir, "staging.weights.h5")
             self.model.save_weights(staging, overwrite=True)
-            os.replace(staging, os.path.join(write_dir, _WEIGHTS_FILE))
+            os.replace(staging, os.path.join(write_dir, weights_name))
             staging_metadata = os.path.join(write_dir, _METADATA_FILE + ".staging")
             with open(staging_metadata, "w") as f:
-                json.dump({"epoch": epoch + 1}, f)
+                json.dump({"epoch": epoch + 1, "weights": weights_name}, f)
             os.replace(staging_metadata, os.path.join(write_dir, _METADATA_FILE))
+            for name in os.listdir(write_dir):
+                if name.endswith(".weights.h5") and name != weights_name:
+                    os.remove(os.path.join(write_dir, name))
         finally:
             remove_worker_checkpoint_dir(write_dir, self.backup_dir)
 

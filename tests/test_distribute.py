@@ -227,6 +227,7 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, loop):
     first = _tiny_model()
     run(first, 2, [distribute.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)])
     assert distribute.read_backup_epoch(backup_dir) == 2
+    assert sorted(os.listdir(backup_dir)) == ["epoch_2.weights.h5", "training_metadata.json"]
 
     # A fresh process would rebuild the model with different random weights.
     resumed = _tiny_model(seed=99)
