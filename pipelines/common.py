@@ -18,6 +18,9 @@ from sokd_tf import config as config_lib
 from sokd_tf.errors import UserError
 
 FLAGS = flags.FLAGS
+# TensorFlow logs every SavedModel write at INFO through absl; keep the console to
+# progress bars, epoch summaries and warnings (`--verbosity=0` brings INFO back).
+FLAGS.set_default("verbosity", -1)
 
 # Flag name -> dotted config field, where the field's own name would be unclear.
 _RENAMED = {"data.name": "dataset"}
