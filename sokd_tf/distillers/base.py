@@ -120,6 +120,27 @@ class Distiller(keras.Model):
         """Role -> model, for every role this trainer updates."""
         return {role: getattr(self, role) for role in self.trained_roles}
 
+    def forward(self, images, labels, training):
+        """Runs the roles; returns (per-example terms by name, logits by role).
+
+        Each method defines this; `train_step`/`test_step` below are the same plumbing
+        for every method: one forward pass, one loss, one backward pass.
+        """
+        raise NotImplementedError
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            terms, logits = self.forward(images, labels, training=True)
+            scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels))
+        self.minimize(tape, scaled_loss)
+        return self.update_metrics(terms, labels, logits)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        terms, logits = self.forward(images, labels, training=False)
+        return self.update_metrics(terms, labels, logits)
+
     def total_loss(self, terms, labels):
         """Weighted terms summed over the batch / the step's global batch size."""
         return losses.weighted_total(terms, self.loss_weights_by_term, global_batch_size(labels))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import keras
-import tensorflow as tf
 
 from sokd_tf import losses
 from sokd_tf.config import LossConfig, TrainConfig
@@ -63,19 +62,6 @@ class KnowledgeDistiller(base.Distiller):
         student_logits = self.student(images, training=training)
         terms = losses.kd_loss_terms(teacher_logits, student_logits, labels, self.temperature)
         return terms, {"student": student_logits}
-
-    def train_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            terms, logits = self.forward(images, labels, training=True)
-            scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels))
-        self.minimize(tape, scaled_loss)
-        return self.update_metrics(terms, labels, logits)
-
-    def test_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        terms, logits = self.forward(images, labels, training=False)
-        return self.update_metrics(terms, labels, logits)
 
     def get_config(self):
         return {

@@ -93,19 +93,6 @@ class SemiOnlineDistiller(base.Distiller):
         )
         return terms, {"peer": peer_logits, "student": student_logits}
 
-    def train_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            terms, logits = self.forward(images, labels, training=True)
-            scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels))
-        self.minimize(tape, scaled_loss)
-        return self.update_metrics(terms, labels, logits)
-
-    def test_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        terms, logits = self.forward(images, labels, training=False)
-        return self.update_metrics(terms, labels, logits)
-
     def get_config(self):
         return {
             "name": self.name,

@@ -6,7 +6,6 @@ Reference: SOKD spec, "Baselines" (vanilla) and the teacher recipe.
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from sokd_tf import losses
 from sokd_tf.distillers import base
@@ -68,19 +67,6 @@ class VanillaTrainer(base.Distiller):
     def forward(self, images, labels, training):
         logits = self.network(images, training=training)
         return {f"{self.role}/ce": losses.cross_entropy(labels, logits)}, {self.role: logits}
-
-    def train_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            terms, logits = self.forward(images, labels, training=True)
-            scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels))
-        self.minimize(tape, scaled_loss)
-        return self.update_metrics(terms, labels, logits)
-
-    def test_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        terms, logits = self.forward(images, labels, training=False)
-        return self.update_metrics(terms, labels, logits)
 
     def get_config(self):
         return {"name": self.name, "network": base.serialize(self.network), "role": self.role}
