@@ -310,10 +310,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.batch_size": 128,
         "model.teacher": "wrn_16_1",
         "model.student": "wrn_10_1",
-        "train.teacher_epochs": 2,
+        "train.teacher_epochs": 3,
         "train.teacher_lr_decay_epochs": (2,),
-        "train.epochs": 4,
-        "train.lr_decay_epochs": (3, 4),
+        "train.epochs": 8,
+        "train.lr_decay_epochs": (5, 7),
         "export.qat_max_steps": 100,
     },
     # The paper's recipe: CIFAR-100 via tfds, WRN-40-2 -> WRN-40-1, 200 epochs. The
