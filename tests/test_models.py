@@ -34,7 +34,21 @@ def test_param_counts_match_pytorch(name):
 
 
 def test_builders_keys():
-    assert set(models.BUILDERS) == {"wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10"}
+    assert set(models.BUILDERS) == {
+        "wrn_10_1", "wrn_10_2", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10",
+    }
+
+
+def test_wrn_10_1_parameter_count_by_hand():
+    # 1-channel input, 10 classes; one block per group (the quickstart student).
+    stem = 9 * 1 * 16
+    group1 = 2 * 16 + 9 * 16 * 16 + 2 * 16 + 9 * 16 * 16
+    group2 = 2 * 16 + 9 * 16 * 32 + 2 * 32 + 9 * 32 * 32 + 16 * 32
+    group3 = 2 * 32 + 9 * 32 * 64 + 2 * 64 + 9 * 64 * 64 + 32 * 64
+    head = 2 * 64 + 64 * 10 + 10
+    model = models.BUILDERS["wrn_10_1"]((28, 28, 1), 10)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == stem + group1 + group2 + group3 + head == 77_562
 
 
 def stage_shapes(model):
