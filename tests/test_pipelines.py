@@ -65,15 +65,19 @@ def test_unknown_model_is_rejected_by_the_flag_parser(parsed_flags):
 
 
 def test_missing_teacher_checkpoint(parsed_flags, tmp_path):
-    with flagsaver.flagsaver(method="sokd", teacher_checkpoint=str(tmp_path / "nope.keras")):
-        with pytest.raises(UserError, match="nope.keras"):
-            distill_pipeline.body()
+    missing = str(tmp_path / "nope.keras")
+    with flagsaver.flagsaver(method="sokd", teacher_checkpoint=missing), pytest.raises(
+        UserError, match="nope.keras"
+    ):
+        distill_pipeline.body()
 
 
 def test_unreadable_data_dir(parsed_flags, tmp_path):
-    with flagsaver.flagsaver(method="dml", data_dir=str(tmp_path / "no_such_dir")):
-        with pytest.raises(DataError, match="no_such_dir"):
-            distill_pipeline.body()
+    missing = str(tmp_path / "no_such_dir")
+    with flagsaver.flagsaver(method="dml", data_dir=missing), pytest.raises(
+        DataError, match="no_such_dir"
+    ):
+        distill_pipeline.body()
 
 
 def test_changed_config_is_refused_unless_overwrite(tmp_path):
@@ -144,9 +148,8 @@ def test_run_end_to_end(small_fashion_mnist, tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(small_fashion_mnist, tmp_path):
     """Kill `run` right after the first distillation epoch is backed up, rerun, compare."""
-    import numpy as np
-
     import keras
+    import numpy as np
 
     epochs = 3
     reference = tmp_path / "reference"
