@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 
-from absl import flags
+from absl import flags, logging
 
 from sokd_tf import config as config_lib
 from sokd_tf.errors import UserError
@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 # TensorFlow logs every SavedModel write at INFO through absl; keep the console to
 # progress bars, epoch summaries and warnings (`--verbosity=0` brings INFO back).
 FLAGS.set_default("verbosity", -1)
+logging.set_verbosity(logging.WARNING)
 
 # Flag name -> dotted config field, where the field's own name would be unclear.
 _RENAMED = {"data.name": "dataset"}
