@@ -388,11 +388,10 @@ def _ratios(records, flop_ratio) -> str:
         if not sokd["images_per_s_median"]:
             continue
         time_ratio = kd["images_per_s_median"] / sokd["images_per_s_median"]
-        verdict = "within" if time_ratio <= flop_ratio * 1.02 else "ABOVE"
+        verdict = "within" if time_ratio <= flop_ratio else "ABOVE"
         lines.append(
             f"- batch {batch}, {precision}, XLA {jit}, BN {batch_norm}: SOKD/KD step time "
-            f"{time_ratio:.2f} "
-            f"vs FLOP ratio {flop_ratio:.2f} ({verdict} the FLOP ratio)"
+            f"{time_ratio:.3f} vs FLOP ratio {flop_ratio:.3f} ({verdict} the FLOP ratio)"
         )
     return "\n".join(lines)
 
