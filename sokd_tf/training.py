@@ -60,9 +60,11 @@ def _build(name: str, info, synchronized_bn: bool, model_name: str) -> keras.Mod
     )
 
 
-def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monitor, best_models,
-         test_data):
+def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, best_models, test_data):
     """Runs `fit` with resume, logging and best-epoch checkpoints; returns the history rows.
+
+    `best_models` maps each role to the models saved on that role's best epoch (chosen
+    on `val_{role}/top1`).
 
     Under multi-worker training every worker runs this; only the chief's files land in
     `stage_dir` (the others write to temporary directories, removed at the end).
@@ -87,6 +89,8 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, roles, monito
     if distribute.uses_custom_loop(strategy):
         def evaluate(model, data):
             return custom_loop.evaluate(model, data, strategy=strategy)
+    roles = list(best_models)
+    monitor = {role: f"val_{role}/top1" for role in roles}
     history = callbacks.MetricHistory(write_dir, initial_epoch=first_epoch)
     fit_callbacks = [
         callbacks.LearningRateLogger(),
@@ -159,11 +163,11 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dic
         strategy=strategy,
         stage_dir=paths.teacher_dir,
         epochs=config.train.teacher_epochs,
-        roles=["teacher"],
-        monitor={"teacher": _monitor_key(config, "teacher")},
         best_models={"teacher": {"teacher": teacher}},
         test_data=test_data,
     )
+    if not distribute.is_chief(strategy):
+        return {}
     artifacts.save_model(teacher, paths.teacher_checkpoint)
     results = _results(rows, best, ["teacher"], config.data.validation_size)
     results["checkpoint"] = paths.teacher_checkpoint
@@ -177,10 +181,6 @@ def _steps(config: RunConfig, dataset: ImageDataset) -> int:
     if config.train.steps_per_epoch is not None:
         steps = min(steps, config.train.steps_per_epoch)
     return steps
-
-
-def _monitor_key(config: RunConfig, role: str) -> str:
-    return f"val_{role}/top1"
 
 
 def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
@@ -249,11 +249,11 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
         strategy=strategy,
         stage_dir=paths.distill_dir,
         epochs=config.train.epochs,
-        roles=roles,
-        monitor={role: _monitor_key(config, role) for role in roles},
         best_models=best_models,
         test_data=test_data,
     )
+    if not distribute.is_chief(strategy):
+        return {}
     for role_models in best_models.values():
         for stem, model in role_models.items():
             artifacts.save_model(model, paths.distilled(stem, "last"))
