@@ -69,8 +69,6 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, best_models, 
     Under multi-worker training every worker runs this; only the chief's files land in
     `stage_dir` (the others write to temporary directories, removed at the end).
     """
-    from sokd_tf import custom_loop
-
     backup_dir = os.path.join(stage_dir, "checkpoints", "backup")
     write_dir = distribute.worker_checkpoint_dir(stage_dir, strategy)
     steps = _steps(config, dataset)
@@ -85,10 +83,8 @@ def _fit(trainer, *, config, dataset, strategy, stage_dir, epochs, best_models, 
     )
     validation_split = "validation" if config.data.validation_size > 0 else "test"
     validation_data = dataset.eval_batches(validation_split, config.data.eval_batch_size)
-    evaluate = None  # Keras' own `evaluate`.
-    if distribute.uses_custom_loop(strategy):
-        def evaluate(model, data):
-            return custom_loop.evaluate(model, data, strategy=strategy)
+    def evaluate(model, data):
+        return distribute.evaluate_model(model, data, strategy=strategy)
     roles = list(best_models)
     monitor = {role: f"val_{role}/top1" for role in roles}
     history = callbacks.MetricHistory(write_dir, initial_epoch=first_epoch)
