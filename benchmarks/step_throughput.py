@@ -142,8 +142,9 @@ def _select_batch_norm(kind: str) -> None:
     """Benchmark-only switch of the BN implementation the model builders pick up.
 
     "fused": every `keras.layers.BatchNormalization` built in this process is a
-    `sokd_tf.fused_batch_norm.FusedBatchNormalization`; "stock": Keras' own layer, also
-    where the library's builders use the fused one. "library": leave the builders alone.
+    `sokd_tf.fused_batch_norm.FusedBatchNormalization`; "stock": Keras' own computation,
+    also inside the builders' `FusedBatchNormalization`. "library": leave the builders
+    alone (they build `FusedBatchNormalization`, so "library" equals "fused").
     """
     import keras
 

@@ -34,6 +34,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     compute dtype; gamma, beta and the moving statistics stay float32.
     """
 
+    # The built-in layer this one stands in for: what exporters that rebuild a model
+    # from built-in layers (the QAT rebuild in tf_keras) use in its place.
+    stock_class = keras.layers.BatchNormalization
+
     def _can_fuse(self, inputs, mask) -> bool:
         return (
             keras.backend.backend() == "tensorflow"

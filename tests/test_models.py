@@ -146,6 +146,18 @@ def test_logits_float32_under_mixed_precision():
     assert logits.dtype == "float32"
 
 
+def test_builders_use_the_fused_batch_norm():
+    from sokd_tf.fused_batch_norm import FusedBatchNormalization
+
+    model = models.BUILDERS["wrn_16_1"]((16, 16, 3), 10)
+    norms = [
+        layer for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(norms) == 2 * 6 + 1  # two per block, six blocks, the final BN
+    assert all(isinstance(layer, FusedBatchNormalization) for layer in norms)
+
+
 def test_synchronized_bn_option():
     model = models.BUILDERS["wrn_16_1"]((16, 16, 3), 10, synchronized_bn=True, name="sync")
     assert model.name == "sync"

@@ -90,3 +90,29 @@ def test_baseline_trainers_round_trip(tmp_path, kind):
     np.testing.assert_array_equal(
         loaded.predict(images(), verbose=0), trainer.predict(images(), verbose=0)
     )
+
+
+def test_student_file_loads_in_a_fresh_process_through_sokd_tf(tmp_path):
+    """The builders' FusedBatchNormalization is registered by sokd_tf's loaders alone."""
+    import subprocess
+    import sys
+
+    student = models.BUILDERS["wrn_10_1"](SHAPE, 10, name="student")
+    path = str(tmp_path / "student.keras")
+    student.save(path)
+    expected = np.asarray(student(images(), training=False))
+    np.save(tmp_path / "images.npy", images())
+    code = (
+        "import sys, numpy as np\n"
+        "from sokd_tf.evaluation import load_model\n"
+        "from sokd_tf.fused_batch_norm import FusedBatchNormalization\n"
+        "model = load_model(sys.argv[1])\n"
+        "assert any(isinstance(l, FusedBatchNormalization) for l in model._flatten_layers())\n"
+        "np.save(sys.argv[3], np.asarray(model(np.load(sys.argv[2]), training=False)))\n"
+    )
+    out = tmp_path / "logits.npy"
+    subprocess.run(
+        [sys.executable, "-c", code, path, str(tmp_path / "images.npy"), str(out)],
+        check=True, timeout=120,
+    )
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)

@@ -66,8 +66,10 @@ def _tfmot():
 def _tf_keras_layer(layer: keras.layers.Layer):
     """A fresh tf_keras layer with the same class and config as a Keras 3 layer."""
     tf_keras = _tf_keras()
-    layer_class = getattr(tf_keras.layers, type(layer).__name__, None)
-    if layer_class is None or type(layer).__module__.split(".")[0] != "keras":
+    # sokd_tf's drop-in layers (FusedBatchNormalization) name the built-in they replace.
+    keras_class = getattr(type(layer), "stock_class", type(layer))
+    layer_class = getattr(tf_keras.layers, keras_class.__name__, None)
+    if layer_class is None or keras_class.__module__.split(".")[0] != "keras":
         raise ExportError(
             f"QAT rebuild: layer {layer.name!r} of class {type(layer).__name__} has no "
             "tf_keras counterpart; only built-in Keras layers can be rebuilt"
