@@ -17,8 +17,11 @@ common.define_workdir_flags()
 
 def body():
     config = common.config_from_flags()
-    workflow.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
-    print(f"report: {common.FLAGS.workdir}/report.md")
+    outcome = workflow.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    if "evaluation" in outcome:
+        print(f"report: {common.FLAGS.workdir}/report.md")
+    else:
+        print("training done; the chief worker evaluates, exports and writes the report")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,17 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Returns once every worker has reached it (an all-reduce); a no-op in one process.
+
+    Used where the chief writes a file the other workers read next (the teacher).
+    """
+    if not is_multi_worker(strategy):
+        return
+    ones = strategy.run(lambda: tf.constant(1.0))
+    strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+
 def worker_checkpoint_dir(base: str, strategy: tf.distribute.Strategy) -> str:
     """The directory this process writes `base`'s files to.
 

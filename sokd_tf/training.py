@@ -21,19 +21,25 @@ from sokd_tf.data import ImageDataset
 from sokd_tf.errors import UserError
 from sokd_tf.evaluation import evaluate_model, load_model
 from sokd_tf.models import peer as peer_lib
+from sokd_tf.models import precision
 
 
-def setup_runtime(config: RunConfig):
-    """Seeds, precision policy and strategy for a stage; returns the strategy."""
+def setup_runtime(config: RunConfig, strategy: tf.distribute.Strategy | None = None):
+    """Seeds, precision policy and strategy for a stage; returns the strategy.
+
+    `strategy` is one the caller already made: a process creates its strategy once
+    (a multi-worker or TPU strategy cannot be set up twice), `workflow.run` passes it to
+    every stage. None = make `config.train.strategy`'s.
+    """
     keras.utils.set_random_seed(config.train.seed)
     if config.data.deterministic:
         tf.config.experimental.enable_op_determinism()
     distribute.set_precision(config.train.precision)
-    return distribute.make_strategy(config.train.strategy)
+    return strategy if strategy is not None else distribute.make_strategy(config.train.strategy)
 
 
 def load_teacher(path: str, info) -> keras.Model:
-    """Loads a teacher `.keras` file and checks it fits the data.
+    """Loads a teacher `.keras` file in the global dtype policy; checks it fits the data.
 
     Raises:
       UserError: missing/unreadable file, or class count / input shape differ from the data.
@@ -43,7 +49,10 @@ def load_teacher(path: str, info) -> keras.Model:
             f"teacher checkpoint {path!r} does not exist; train one with pipelines.train_teacher "
             f"or pass --teacher_checkpoint"
         )
-    teacher = load_model(path)
+    # The file records the policy the teacher was trained in; compute in this run's
+    # (a float32 teacher in a mixed_bfloat16 distillation runs, and seeds its peer, in
+    # bfloat16).
+    teacher = precision.with_dtype_policy(load_model(path))
     input_shape = tuple(teacher.input_shape[1:])
     num_classes = teacher.output_shape[-1]
     if input_shape != tuple(info.image_shape) or num_classes != info.num_classes:
@@ -52,6 +61,20 @@ def load_teacher(path: str, info) -> keras.Model:
             f"classes, but the data has {tuple(info.image_shape)} images and {info.num_classes} classes"
         )
     return teacher
+
+
+def _evaluate_here(model: keras.Model, data, strategy) -> dict:
+    """Top-1/top-5 of a plain model computed by this process alone (no collective ops).
+
+    A model built in a multi-worker strategy's scope would run collectives in
+    `predict`, which hang or abort once workers diverge (only the chief writes results),
+    so it is evaluated through a copy with ordinary variables.
+    """
+    if distribute.is_multi_worker(strategy):
+        local = keras.models.clone_model(model)  # outside any strategy scope
+        local.set_weights(model.get_weights())
+        model = local
+    return evaluate_model(model, data)
 
 
 def _build(name: str, info, synchronized_bn: bool, model_name: str) -> keras.Model:
@@ -129,13 +152,19 @@ def _results(rows, best, roles, validation_size):
     return out
 
 
-def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
-    """Vanilla CE training of the teacher; writes `teacher/teacher.keras` (last epoch)."""
+def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
+                  strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Vanilla CE training of the teacher; writes `teacher/teacher.keras` (last epoch).
+
+    Under multi-worker training every worker calls this; the chief writes the files and
+    every worker returns only once they are written (the next stage reads the teacher).
+    Other workers return `{}`.
+    """
     paths = artifacts.Workdir(workdir)
     results_path = os.path.join(paths.teacher_dir, "results.json")
     if os.path.exists(results_path):
         return artifacts.read_json(results_path)
-    strategy = setup_runtime(config)
+    strategy = setup_runtime(config, strategy)
     info = dataset.info
     with strategy.scope():
         teacher = _build(config.model.teacher, info, distribute.use_synchronized_bn(config.model.synchronized_bn, strategy), "teacher")
@@ -163,12 +192,14 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset) -> dic
         test_data=test_data,
     )
     if not distribute.is_chief(strategy):
+        distribute.barrier(strategy)  # until the chief has written the teacher
         return {}
     artifacts.save_model(teacher, paths.teacher_checkpoint)
     results = _results(rows, best, ["teacher"], config.data.validation_size)
     results["checkpoint"] = paths.teacher_checkpoint
     results["params"] = {"teacher": teacher.count_params()}
     artifacts.write_json(results_path, results)
+    distribute.barrier(strategy)
     return results
 
 
@@ -211,12 +242,14 @@ def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
     }
 
 
-def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
+def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
+            strategy: tf.distribute.Strategy | None = None) -> dict:
     """Trains the student with `config.train.method`; writes `distill/` artifacts.
 
     The teacher is `config.model.teacher_checkpoint`, by default the workdir's own `teacher/teacher.keras`; the file is
     only read, never overwritten, even when the teacher's BatchNorm statistics move
-    during distillation (`teacher_bn_mode="official"`).
+    during distillation (`teacher_bn_mode="official"`). `strategy` as in `setup_runtime`;
+    under multi-worker training workers other than the chief return `{}`.
     """
     paths = artifacts.Workdir(workdir)
     results_path = os.path.join(paths.distill_dir, "results.json")
@@ -225,11 +258,10 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
     method = config.train.method
     info = dataset.info
     teacher_path = config.model.teacher_checkpoint or paths.teacher_checkpoint
-    strategy = setup_runtime(config)
+    strategy = setup_runtime(config, strategy)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
     with strategy.scope():
         teacher = load_teacher(teacher_path, info) if method in ("kd", "sokd") else None
-        teacher_before = evaluate_model(teacher, test_data) if teacher is not None else None
         trainer, best_models = build_distiller(
             config, info, teacher, distribute.use_synchronized_bn(config.model.synchronized_bn, strategy)
         )
@@ -237,6 +269,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
             optimizer=distillers.make_optimizer(config.train, _steps(config, dataset)),
             jit_compile=config.train.jit_compile,
         )
+    teacher_before = _evaluate_here(teacher, test_data, strategy) if teacher is not None else None
     roles = list(best_models)
     rows, best = _fit(
         trainer,
@@ -248,6 +281,9 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
         best_models=best_models,
         test_data=test_data,
     )
+    teacher_after = None
+    if teacher is not None and config.train.teacher_bn_mode == "official":
+        teacher_after = _evaluate_here(teacher, test_data, strategy)
     if not distribute.is_chief(strategy):
         return {}
     for role_models in best_models.values():
@@ -262,9 +298,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
     if teacher is not None:
         results["teacher"] = {"checkpoint": teacher_path, "before_distillation": teacher_before}
         results["params"]["teacher"] = teacher.count_params()
-        if config.train.teacher_bn_mode == "official":
-            results["teacher"]["after_distillation_bn_statistics_moved"] = evaluate_model(
-                teacher, test_data
-            )
+        if teacher_after is not None:
+            results["teacher"]["after_distillation_bn_statistics_moved"] = teacher_after
     artifacts.write_json(results_path, results)
     return results

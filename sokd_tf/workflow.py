@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from sokd_tf import artifacts, report, training
+from sokd_tf import artifacts, distribute, report, training
 from sokd_tf.config import RunConfig
 from sokd_tf.data import ImageDataset, load_dataset
 from sokd_tf.errors import ConfigError, UserError
@@ -96,16 +96,24 @@ def export_stage(config: RunConfig, workdir: str, dataset: ImageDataset, student
 
 
 def run(config: RunConfig, workdir: str, *, overwrite: bool = False) -> dict:
-    """Runs every stage; resumes where a previous identical run stopped."""
+    """Runs every stage; resumes where a previous identical run stopped.
+
+    Under `multi_worker` every worker runs this with the same config and a workdir on a
+    shared filesystem: all workers train, the chief alone writes, evaluates and exports.
+    """
     checkpoint = config.model.teacher_checkpoint
     if config.train.method in ("kd", "sokd") and checkpoint and not os.path.exists(checkpoint):
         raise UserError(f"teacher checkpoint {checkpoint!r} does not exist")
     dataset = load_dataset(config.data, seed=config.train.seed)
     paths = prepare_workdir(config, workdir, overwrite=overwrite)
+    # One strategy for every stage: a multi-worker or TPU strategy is set up once per process.
+    strategy = distribute.make_strategy(config.train.strategy)
     outcome = {}
     if config.train.method in ("kd", "sokd") and not config.model.teacher_checkpoint:
-        outcome["teacher"] = training.train_teacher(config, workdir, dataset)
-    outcome["distill"] = training.distill(config, workdir, dataset)
+        outcome["teacher"] = training.train_teacher(config, workdir, dataset, strategy=strategy)
+    outcome["distill"] = training.distill(config, workdir, dataset, strategy=strategy)
+    if not distribute.is_chief(strategy):
+        return outcome  # evaluation, export and the report are the chief's
     outcome["evaluation"] = evaluate_workdir(config, workdir, dataset)
     if not os.path.exists(os.path.join(paths.export_dir, "report.json")):
         outcome["export"] = export_stage(config, workdir, dataset)

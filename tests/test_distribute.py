@@ -366,3 +366,35 @@ def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_pat
         np.testing.assert_allclose(
             values, reference_history[key][-1:], rtol=1e-5, atol=1e-6, err_msg=key
         )
+
+
+@pytest.mark.slow
+def test_multi_worker_pipeline_run_trains_on_both_and_exports_once(small_fashion_mnist, tmp_path):
+    """`pipelines.run --strategy=multi_worker` on 2 workers: teacher, SOKD, chief-only rest."""
+    from test_pipelines import _tiny_flags
+
+    workdir = tmp_path / "run"
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    commands = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        command = [sys.executable, "-m", "pipelines.run", "--strategy=multi_worker",
+                   *_tiny_flags(small_fashion_mnist, workdir, epochs=1)]
+        commands.append((command, _env(TF_CONFIG=tf_config, CI="1")))
+    _run_processes(commands, str(tmp_path), timeout_s=600)
+
+    for path in ("teacher/teacher.keras", "teacher/results.json", "distill/student_last.keras",
+                 "distill/results.json", "evaluation.json", "export/report.json", "report.md"):
+        assert (workdir / path).exists(), path
+    # Both workers trained every epoch together (the chief's history has them all) and
+    # the other worker's temporary write directories are gone.
+    history = json.loads((workdir / "distill" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["config.json", "teacher", "distill", "evaluation.json", "export", "report.md", "plots"]
+    )
+    logs = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+    assert f"report: {workdir}/report.md" in logs[0]
+    assert "the chief worker evaluates, exports" in logs[1]
+    assert sorted(p.name for p in (workdir / "export" / "serving" / "student").iterdir()) == ["1"]

@@ -68,3 +68,71 @@ def test_sokd_step_is_finite_and_decreasing(precision):
     assert losses[-1] < 0.8 * losses[0], losses
     for variable in distiller.student.trainable_variables + distiller.peer.trainable_variables:
         assert np.all(np.isfinite(keras.ops.convert_to_numpy(variable))), variable.path
+
+
+def _policies(model):
+    """Layer name -> dtype policy name, nested layers included, input layers left out."""
+    return {
+        layer.name: layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)
+        if not isinstance(layer, keras.layers.InputLayer)
+    }
+
+
+def test_float32_teacher_file_runs_in_the_distillation_policy(tmp_path):
+    """A teacher trained in float32 and its peer compute in bfloat16 in a bf16 run."""
+    from sokd_tf import training
+    from sokd_tf.data.info import DatasetInfo
+
+    keras.utils.set_random_seed(0)
+    teacher = models.BUILDERS["wrn_16_1"](IMAGE_SHAPE, NUM_CLASSES, name="teacher")
+    path = str(tmp_path / "teacher.keras")
+    teacher.save(path)
+    images, _ = _learnable_batch(4)
+    float32_logits = np.asarray(teacher(images, training=False))
+    info = DatasetInfo(name="toy", num_classes=NUM_CLASSES, image_shape=IMAGE_SHAPE,
+                       class_names=tuple("abcd"), split_sizes={}, mean=(0.0,), std=(1.0,))
+    distribute.set_precision("mixed_bfloat16")
+    try:
+        loaded = training.load_teacher(path, info)
+        peer = peer_lib.build_peer(loaded)
+    finally:
+        distribute.set_precision("float32")
+    for model in (loaded, peer):
+        policies = _policies(model)
+        assert policies.pop("logits") == "float32"
+        assert set(policies.values()) == {"mixed_bfloat16"}, model.name
+    for got, want in zip(loaded.get_weights(), teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    logits = np.asarray(loaded(images, training=False))
+    assert logits.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa: the same network, rounded.
+    np.testing.assert_allclose(logits, float32_logits, atol=0.1 * np.abs(float32_logits).max())
+    # In float32 the file loads as it is.
+    assert set(_policies(training.load_teacher(path, info)).values()) == {"float32"}
+
+
+def test_bfloat16_student_exports_float32_artifacts(tmp_path):
+    import export_support as support
+
+    from sokd_tf import export
+    from sokd_tf.config import ExportConfig
+
+    info, train_images, _, test_images, test_labels = support.data()
+    distribute.set_precision("mixed_bfloat16")
+    try:
+        student = models.BUILDERS["wrn_10_1"](info.image_shape, info.num_classes, name="student")
+        assert _policies(student)["group1_block1_conv1"] == "mixed_bfloat16"
+        report = export.export_student(
+            student, info, str(tmp_path / "export"),
+            ExportConfig(tflite_variants=("fp32",), latency_runs=3),
+            train_images_uint8=train_images[:64], test_images_uint8=test_images[:200],
+            test_labels=test_labels[:200],
+        )
+        assert keras.config.dtype_policy().name == "mixed_bfloat16", "caller's policy restored"
+    finally:
+        distribute.set_precision("float32")
+    # The artifacts reproduce the float32 twin of the student (checked inside the export).
+    assert report["tflite"]["fp32"]["input_dtype"] == "float32"
+    assert report["tflite"]["fp32"]["agreement"] >= 0.99
+    # A bfloat16 SavedModel would differ from the float32 reference by ~1e-2.
+    assert report["saved_model"]["verification"]["serving_default"]["max_abs_logit_error"] < 1e-4

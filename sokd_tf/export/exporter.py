@@ -27,6 +27,7 @@ from sokd_tf.errors import ExportError
 from sokd_tf.export import qat, saved_model, serving, tflite
 from sokd_tf.export.preprocess import check_images, check_student, normalize_numpy
 from sokd_tf.export.report import add_ratios
+from sokd_tf.models import precision
 
 REPORT_FILE = "report.json"
 
@@ -120,8 +121,29 @@ def export_student(
     Raises:
       ExportError: wrong student, bad images or labels, an existing version, a failed
         conversion. Nothing this call created is left behind.
+
+    Every artifact is float32 (the integer variants quantize from it), whatever dtype
+    policy the student was trained in: the student is re-typed to float32 and the export
+    runs under Keras' float32 policy; the caller's global policy is restored afterwards.
     """
     check_student(student, info)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        return _export_checked_student(
+            precision.with_dtype_policy(student, "float32"), info, export_dir, export_config,
+            train_images_uint8=train_images_uint8, test_images_uint8=test_images_uint8,
+            test_labels=test_labels,
+        )
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _export_checked_student(
+    student, info, export_dir, export_config, *, train_images_uint8, test_images_uint8,
+    test_labels,
+) -> dict:
+    """`export_student` after the student check, in float32."""
     needs_training_images = any(
         v in tflite.FULL_INTEGER_VARIANTS for v in export_config.tflite_variants
     )
