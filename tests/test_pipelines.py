@@ -146,6 +146,27 @@ def test_run_end_to_end(small_fashion_mnist, tmp_path):
 
 
 @pytest.mark.slow
+def test_run_in_mixed_bfloat16_trains_in_bf16_and_exports_float32(small_fashion_mnist, tmp_path):
+    """The whole job under --precision=mixed_bfloat16, QAT variant included."""
+    import keras
+
+    workdir = tmp_path / "run"
+    flags = [f for f in _tiny_flags(small_fashion_mnist, workdir, epochs=1)
+             if not f.startswith(("--tflite_variants", "--qat_epochs"))]
+    flags += ["--precision=mixed_bfloat16", "--tflite_variants=fp32,qat_int8",
+              "--qat_epochs=1", "--qat_max_steps=2"]
+    result = _pipeline("run", flags, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = keras.saving.load_model(str(workdir / "distill" / "student_last.keras"))
+    assert student.get_layer("group1_block1_conv1").dtype_policy.name == "mixed_bfloat16"
+    report = json.loads((workdir / "export" / "report.json").read_text())
+    assert report["tflite"]["fp32"]["input_dtype"] == "float32"
+    assert report["tflite"]["fp32"]["agreement"] >= 0.99
+    assert (workdir / "export" / "tflite" / "qat_int8.tflite").exists()
+    assert report["saved_model"]["verification"]["serving_default"]["max_abs_logit_error"] < 1e-4
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(small_fashion_mnist, tmp_path):
     """Kill `run` right after the first distillation epoch is backed up, rerun, compare."""
     import keras
