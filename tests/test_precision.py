@@ -136,3 +136,30 @@ def test_bfloat16_student_exports_float32_artifacts(tmp_path):
     assert report["tflite"]["fp32"]["agreement"] >= 0.99
     # A bfloat16 SavedModel would differ from the float32 reference by ~1e-2.
     assert report["saved_model"]["verification"]["serving_default"]["max_abs_logit_error"] < 1e-4
+
+
+def test_a_student_that_cannot_be_retyped_is_a_clear_export_error(tmp_path):
+    import export_support as support
+
+    from sokd_tf import export
+    from sokd_tf.config import ExportConfig
+    from sokd_tf.errors import ExportError
+
+    info, train_images, _, test_images, test_labels = support.data()
+    distribute.set_precision("mixed_bfloat16")
+    try:
+        images = keras.Input(info.image_shape)
+        x = keras.layers.Lambda(lambda t: t * 2.0, name="doubling")(images)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        student = keras.Model(images, keras.layers.Dense(info.num_classes, dtype="float32")(x))
+        with pytest.raises(ExportError, match="cannot re-type model"):
+            export.export_student(
+                student, info, str(tmp_path / "export"),
+                ExportConfig(tflite_variants=("fp32",), latency_runs=3),
+                train_images_uint8=train_images[:64], test_images_uint8=test_images[:64],
+                test_labels=test_labels[:64],
+            )
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    finally:
+        distribute.set_precision("float32")
+    assert not (tmp_path / "export").exists()

@@ -23,7 +23,7 @@ import tensorflow as tf
 from sokd_tf import fused_batch_norm  # noqa: F401  (registers the layer for load_model)
 from sokd_tf.config import ExportConfig
 from sokd_tf.data.info import DatasetInfo
-from sokd_tf.errors import ExportError
+from sokd_tf.errors import ConfigError, ExportError
 from sokd_tf.export import qat, saved_model, serving, tflite
 from sokd_tf.export.preprocess import check_images, check_student, normalize_numpy
 from sokd_tf.export.report import add_ratios
@@ -130,8 +130,12 @@ def export_student(
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
     try:
+        try:
+            float32_student = precision.with_dtype_policy(student, "float32")
+        except ConfigError as err:
+            raise ExportError(str(err)) from err
         return _export_checked_student(
-            precision.with_dtype_policy(student, "float32"), info, export_dir, export_config,
+            float32_student, info, export_dir, export_config,
             train_images_uint8=train_images_uint8, test_images_uint8=test_images_uint8,
             test_labels=test_labels,
         )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import keras
 
+from sokd_tf.errors import ConfigError
+
 
 def _retype_layers(model_config: dict, policy_config: dict, keep: set[str]) -> None:
     for layer in model_config["layers"]:
@@ -38,6 +40,10 @@ def with_dtype_policy(model: keras.Model, policy: str | None = None) -> keras.Mo
     Returns:
       `model` itself when every non-output layer already uses `policy`, else a new
       functional model with the same name, architecture and weights.
+
+    Raises:
+      ConfigError: the model cannot be rebuilt from its config (e.g. a Lambda layer or
+        an unregistered custom layer).
     """
     policy = keras.DTypePolicy(policy or keras.config.dtype_policy().name)
     outputs = {tensor._keras_history.operation.name for tensor in model.outputs}
@@ -47,8 +53,15 @@ def with_dtype_policy(model: keras.Model, policy: str | None = None) -> keras.Mo
     }
     if current <= {policy.name}:
         return model
-    serialized = keras.saving.serialize_keras_object(model)
-    _retype_layers(serialized["config"], keras.saving.serialize_keras_object(policy), outputs)
-    retyped = keras.saving.deserialize_keras_object(serialized)
-    retyped.set_weights(model.get_weights())
+    try:
+        serialized = keras.saving.serialize_keras_object(model)
+        _retype_layers(serialized["config"], keras.saving.serialize_keras_object(policy), outputs)
+        retyped = keras.saving.deserialize_keras_object(serialized)
+        retyped.set_weights(model.get_weights())
+    except Exception as err:  # Keras raises many types for a config it cannot rebuild.
+        raise ConfigError(
+            f"cannot re-type model {model.name!r} to the {policy.name} policy (it is rebuilt "
+            f"from its config, which needs serializable, registered layers): "
+            f"{type(err).__name__}: {err}"
+        ) from err
     return retyped
