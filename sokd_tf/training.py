@@ -191,15 +191,14 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
         best_models={"teacher": {"teacher": teacher}},
         test_data=test_data,
     )
-    if not distribute.is_chief(strategy):
-        distribute.barrier(strategy)  # until the chief has written the teacher
-        return {}
-    artifacts.save_model(teacher, paths.teacher_checkpoint)
-    results = _results(rows, best, ["teacher"], config.data.validation_size)
-    results["checkpoint"] = paths.teacher_checkpoint
-    results["params"] = {"teacher": teacher.count_params()}
-    artifacts.write_json(results_path, results)
-    distribute.barrier(strategy)
+    results = {}
+    if distribute.is_chief(strategy):
+        artifacts.save_model(teacher, paths.teacher_checkpoint)
+        results = _results(rows, best, ["teacher"], config.data.validation_size)
+        results["checkpoint"] = paths.teacher_checkpoint
+        results["params"] = {"teacher": teacher.count_params()}
+        artifacts.write_json(results_path, results)
+    distribute.barrier(strategy)  # every worker waits until the chief has written the teacher
     return results
 
 
