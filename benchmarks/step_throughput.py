@@ -142,13 +142,13 @@ def _select_batch_norm(kind: str) -> None:
     """Benchmark-only switch of the BN implementation the model builders pick up.
 
     "fused": every `keras.layers.BatchNormalization` built in this process is a
-    `sokd_tf.fused_batch_norm.FusedBatchNormalization`; "stock": Keras' own computation,
+    `sokd_tf.models.fused_batch_norm.FusedBatchNormalization`; "stock": Keras' own computation,
     also inside the builders' `FusedBatchNormalization`. "library": leave the builders
     alone (they build `FusedBatchNormalization`, so "library" equals "fused").
     """
     import keras
 
-    from sokd_tf import fused_batch_norm
+    from sokd_tf.models import fused_batch_norm
 
     stock = keras.layers.BatchNormalization
     if kind == "fused":

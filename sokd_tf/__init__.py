@@ -1,6 +1,11 @@
 """sokd_tf: Semi-Online Knowledge Distillation (Liu, Liu & Huang, BMVC 2021) for Keras 3.
 
-Reference: arXiv 2111.11747.
+`import sokd_tf` registers the package's own Keras layers, so `.keras` files written by
+sokd_tf load with plain `keras.saving.load_model` (safe mode on).
+
+Reference: arXiv 2111.11747; docs/METHOD.md.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
+
+from sokd_tf.models import fused_batch_norm as _fused_batch_norm  # noqa: E402,F401

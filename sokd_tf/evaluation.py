@@ -7,7 +7,7 @@ import os
 import keras
 import numpy as np
 
-from sokd_tf import fused_batch_norm  # noqa: F401  (registers the layer for load_model)
+from sokd_tf.models import fused_batch_norm  # noqa: F401  (registers the layer for load_model)
 from sokd_tf.errors import UserError
 
 

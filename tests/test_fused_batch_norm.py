@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sokd_tf.fused_batch_norm import FusedBatchNormalization
+from sokd_tf.models.fused_batch_norm import FusedBatchNormalization
 
 SHAPE = (6, 5, 4, 3)
 

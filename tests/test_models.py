@@ -147,7 +147,7 @@ def test_logits_float32_under_mixed_precision():
 
 
 def test_builders_use_the_fused_batch_norm():
-    from sokd_tf.fused_batch_norm import FusedBatchNormalization
+    from sokd_tf.models.fused_batch_norm import FusedBatchNormalization
 
     model = models.BUILDERS["wrn_16_1"]((16, 16, 3), 10)
     norms = [

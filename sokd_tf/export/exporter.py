@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sokd_tf import fused_batch_norm  # noqa: F401  (registers the layer for load_model)
+from sokd_tf.models import fused_batch_norm  # noqa: F401  (registers the layer for load_model)
 from sokd_tf.config import ExportConfig
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.errors import ConfigError, ExportError

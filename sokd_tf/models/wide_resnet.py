@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 
 from sokd_tf.errors import ConfigError
-from sokd_tf.fused_batch_norm import FusedBatchNormalization
+from sokd_tf.models.fused_batch_norm import FusedBatchNormalization
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 in Keras' convention.
@@ -38,7 +38,7 @@ def batch_norm(name: str, synchronized_bn: bool) -> keras.layers.Layer:
     """Keras' BatchNormalization maths through TensorFlow's fused kernel.
 
     `FusedBatchNormalization` is a drop-in subclass (same weights, config and outputs);
-    synchronized BN takes Keras' own path. See sokd_tf/fused_batch_norm.py.
+    synchronized BN takes Keras' own path. See sokd_tf/models/fused_batch_norm.py.
     """
     return FusedBatchNormalization(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized_bn, name=name
