@@ -25,10 +25,10 @@ import keras
 import numpy as np
 
 from sokd_tf import export
-from sokd_tf.artifacts import Workdir, read_json
 from sokd_tf.config import TFLITE_VARIANTS, ExportConfig, RunConfig, resolve
 from sokd_tf.data import load_dataset
 from sokd_tf.models import BUILDERS
+from sokd_tf.stages.workdir import Workdir, read_json
 
 
 def _config(workdir: str, data_dir: str | None) -> RunConfig:

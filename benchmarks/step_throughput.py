@@ -185,10 +185,11 @@ def run_worker(args) -> dict:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
     import keras
 
-    from sokd_tf import distillers, distribute
+    from sokd_tf import distillers
     from sokd_tf.config import TrainConfig
+    from sokd_tf.runtime import strategy as strategy_lib
 
-    distribute.set_precision(args.precision)
+    strategy_lib.set_precision(args.precision)
     _select_batch_norm(args.batch_norm)
     keras.utils.set_random_seed(0)
     rss_runtime = _peak_rss_mib()

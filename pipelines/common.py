@@ -117,9 +117,9 @@ def config_from_flags() -> config_lib.RunConfig:
 
 def config_for_workdir(workdir: str) -> config_lib.RunConfig:
     """The workdir's own config.json (flags set on the command line override it)."""
-    from sokd_tf import artifacts
+    from sokd_tf.stages import workdir as workdir_lib
 
-    stored = artifacts.read_json(artifacts.Workdir(workdir).config)
+    stored = workdir_lib.read_json(workdir_lib.Workdir(workdir).config)
     if stored is None:
         return config_from_flags()
     return config_lib.apply_overrides(config_lib.RunConfig.from_dict(stored), overrides_from_flags())

@@ -11,9 +11,8 @@ import json
 from absl import app, flags
 
 from pipelines import common
-from sokd_tf import workflow
 from sokd_tf.data import load_dataset
-from sokd_tf.evaluation import evaluate_model, load_model
+from sokd_tf.stages.evaluate import evaluate_model, evaluate_workdir, load_model
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
@@ -28,7 +27,7 @@ def body():
         model = load_model(common.FLAGS.model_path)
         results = evaluate_model(model, dataset.eval_batches(common.FLAGS.split, config.data.eval_batch_size))
     else:
-        results = workflow.evaluate_workdir(config, common.FLAGS.workdir, dataset)
+        results = evaluate_workdir(config, common.FLAGS.workdir, dataset)
     print(json.dumps(results, indent=2))
 
 

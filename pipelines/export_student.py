@@ -11,8 +11,8 @@ import json
 from absl import app, flags
 
 from pipelines import common
-from sokd_tf import workflow
 from sokd_tf.data import load_dataset
+from sokd_tf.stages.export import export_stage
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
@@ -22,7 +22,7 @@ flags.DEFINE_string("student_file", None, "Student .keras file; unset = workdir/
 def body():
     config = common.config_for_workdir(common.FLAGS.workdir)
     dataset = load_dataset(config.data, seed=config.train.seed)
-    report = workflow.export_stage(config, common.FLAGS.workdir, dataset, common.FLAGS.student_file)
+    report = export_stage(config, common.FLAGS.workdir, dataset, common.FLAGS.student_file)
     print(json.dumps(report, indent=2, default=str))
 
 

@@ -9,7 +9,7 @@ Rerunning the same command on the same workdir resumes from the last completed e
 from absl import app
 
 from pipelines import common
-from sokd_tf import workflow
+from sokd_tf.stages import run
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
@@ -17,7 +17,7 @@ common.define_workdir_flags()
 
 def body():
     config = common.config_from_flags()
-    outcome = workflow.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    outcome = run.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
     if "evaluation" in outcome:
         print(f"report: {common.FLAGS.workdir}/report.md")
     else:

@@ -6,8 +6,8 @@
 from absl import app
 
 from pipelines import common
-from sokd_tf import training, workflow
 from sokd_tf.data import load_dataset
+from sokd_tf.stages import run, teacher
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
@@ -16,8 +16,8 @@ common.define_workdir_flags()
 def body():
     config = common.config_from_flags()
     dataset = load_dataset(config.data, seed=config.train.seed)
-    workflow.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
-    results = training.train_teacher(config, common.FLAGS.workdir, dataset)
+    run.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    results = teacher.train_teacher(config, common.FLAGS.workdir, dataset)
     print(f"teacher: {results['checkpoint']}")
 
 

@@ -6,7 +6,7 @@ Usage:
       under MirroredStrategy over both devices from identical weights on identical
       global batches; writes both runs' weights to OUT_DIR/mirrored_vs_default.npz.
   python distributed_worker.py train OUT_DIR EPOCHS
-      One SOKD training with `distribute.fit_model` under the strategy named by
+      One SOKD training with `loop.fit_model` under the strategy named by
       `multi_worker` when TF_CONFIG is set (one process per worker), else the default
       strategy; resumes from OUT_DIR/backup; writes OUT_DIR/result_<task>.json and
       OUT_DIR/weights_<task>.npz.
@@ -57,13 +57,14 @@ def _build_sokd(strategy):
     """A tiny SOKD with synchronized BN, compiled with the recipe's optimizer."""
     import keras
 
-    from sokd_tf import distillers, distribute, models
+    from sokd_tf import distillers, models
     from sokd_tf.config import TrainConfig
     from sokd_tf.models import peer as peer_lib
+    from sokd_tf.runtime import strategy as strategy_lib
 
     keras.utils.set_random_seed(SEED)
     synchronized_bn = True  # on in every run, so 1 and N replicas compute the same thing
-    assert distribute.use_synchronized_bn(None, strategy) == (strategy.num_replicas_in_sync > 1)
+    assert strategy_lib.use_synchronized_bn(None, strategy) == (strategy.num_replicas_in_sync > 1)
     with strategy.scope():
         teacher = models.build("wrn_16_1", IMAGE_SHAPE, NUM_CLASSES,
                                synchronized_bn=synchronized_bn, model_name="teacher")
@@ -97,18 +98,19 @@ def mirrored_vs_default(out_dir):
     )
     import keras
 
-    from sokd_tf import distribute
+    from sokd_tf.runtime import loop
+    from sokd_tf.runtime import strategy as strategy_lib
 
     results = {}
     initial = None
     for name, devices in (("default", None), ("mirrored", ["/cpu:0", "/cpu:1"])):
-        strategy = distribute.make_strategy(name, devices=devices)
+        strategy = strategy_lib.make_strategy(name, devices=devices)
         distiller = _build_sokd(strategy)
         if initial is None:
             initial = distiller.get_weights()
         else:
             distiller.set_weights(initial)
-        history = distribute.fit_model(
+        history = loop.fit_model(
             distiller, _train_batches(), strategy=strategy, epochs=2,
             steps_per_epoch=STEPS_PER_EPOCH, verbose=0,
         )
@@ -122,35 +124,36 @@ def mirrored_vs_default(out_dir):
 def train(out_dir, epochs):
     import keras
 
-    from sokd_tf import distribute
+    from sokd_tf.runtime import backup, cluster, loop
+    from sokd_tf.runtime import strategy as strategy_lib
 
     multi_worker = "TF_CONFIG" in os.environ
-    strategy = distribute.make_strategy("multi_worker" if multi_worker else "default")
+    strategy = strategy_lib.make_strategy("multi_worker" if multi_worker else "default")
     task = strategy.cluster_resolver.task_id if multi_worker else 0
     distiller = _build_sokd(strategy)
     backup_dir = os.path.join(out_dir, "backup")
-    first_epoch = distribute.read_backup_epoch(backup_dir)
-    history = distribute.fit_model(
+    first_epoch = backup.read_backup_epoch(backup_dir)
+    history = loop.fit_model(
         distiller,
         _train_batches(first_epoch),
         strategy=strategy,
         epochs=epochs,
         steps_per_epoch=STEPS_PER_EPOCH,
         validation_data=_validation_batches(),
-        callbacks=[distribute.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)],
+        callbacks=[backup.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)],
         verbose=0,
     )
-    evaluation = distribute.evaluate_model(distiller, _validation_batches(), strategy=strategy)
+    evaluation = loop.evaluate_model(distiller, _validation_batches(), strategy=strategy)
     # Every worker saves; only the chief's file is kept.
     checkpoint_base = os.path.join(out_dir, "checkpoints")
-    write_dir = distribute.worker_checkpoint_dir(checkpoint_base, strategy)
+    write_dir = cluster.worker_dir(checkpoint_base, strategy)
     distiller.student.save(os.path.join(write_dir, "student.keras"))
-    distribute.remove_worker_checkpoint_dir(write_dir, checkpoint_base)
+    cluster.remove_worker_dir(write_dir, checkpoint_base)
     result = {
         "task": task,
         "replicas": strategy.num_replicas_in_sync,
-        "chief": distribute.is_chief(strategy),
-        "custom_loop": distribute.uses_custom_loop(strategy),
+        "chief": cluster.is_chief(strategy),
+        "custom_loop": loop.uses_custom_loop(strategy),
         "first_epoch": first_epoch,
         "history": {key: [float(v) for v in values] for key, values in history.history.items()},
         "evaluation": evaluation,

@@ -62,3 +62,63 @@ def test_bad_values_name_the_culprit(overrides, culprit):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset"):
         config_lib.resolve("imagenet")
+
+
+def test_paper_preset_is_the_paper_protocol_and_holdout_is_ours():
+    paper = config_lib.resolve("cifar100_wrn40_2_wrn40_1")
+    assert paper.data.validation_size == 0  # all 50,000 images; best and last on test
+    holdout = config_lib.resolve("cifar100_wrn40_2_wrn40_1_holdout")
+    assert holdout.data.validation_size == 5000
+    assert holdout.train == paper.train and holdout.model == paper.model
+
+
+def test_baselines_get_their_standard_recipe_unless_set():
+    kd = config_lib.resolve("quickstart", {"train.method": "kd"})
+    assert kd.train.teacher_bn_mode == "frozen"
+    assert (kd.train.nesterov, kd.train.weight_decay) == (False, 5e-4)
+    dml = config_lib.resolve("quickstart", {"train.method": "dml"})
+    assert (dml.train.nesterov, dml.train.weight_decay) == (True, 1e-4)
+    assert dml.train.teacher_bn_mode == "official"
+    sokd = config_lib.resolve("quickstart", {"train.method": "sokd"})
+    assert sokd.train.teacher_bn_mode == "official"
+    assert (sokd.train.nesterov, sokd.train.weight_decay) == (False, 5e-4)
+    # An explicit value wins over the recipe; "sokd" puts every baseline on SOKD's recipe.
+    kd_official = config_lib.resolve(None, {"train.method": "kd", "train.teacher_bn_mode": "official"})
+    assert kd_official.train.teacher_bn_mode == "official"
+    dml_sokd = config_lib.resolve(None, {"train.method": "dml", "train.baseline_recipe": "sokd"})
+    assert (dml_sokd.train.nesterov, dml_sokd.train.weight_decay) == (False, 5e-4)
+
+
+def test_config_file_json_yaml_and_resolved_config_round_trip(tmp_path):
+    import json
+
+    resolved = config_lib.resolve("quickstart", {"train.method": "kd", "train.epochs": 3})
+    path = tmp_path / "config.json"
+    path.write_text(resolved.to_json())
+    # A run's resolved config.json is itself a valid --config input, even under another preset.
+    assert config_lib.resolve("cifar100_wrn40_2_wrn40_1", config_file=config_lib.read_config_file(str(path))) == resolved
+    dotted = tmp_path / "dotted.json"
+    dotted.write_text(json.dumps({"train.epochs": 5, "loss": {"temperature": 2.0}}))
+    config = config_lib.resolve(
+        "quickstart", {"train.epochs": 6}, config_file=config_lib.read_config_file(str(dotted))
+    )
+    assert config.train.epochs == 6  # flags win over the file
+    assert config.loss.temperature == 2.0
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"train": {"epochs": 3, "nonsense": 1}}', r"unknown config fields \['train.nonsense'\]"),
+        ('{"training": {"epochs": 3}}', "unknown config section 'training'"),
+        ("{not json", "not valid JSON/YAML"),
+        ("[1, 2]", "must hold a mapping"),
+    ],
+)
+def test_bad_config_file_names_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config_lib.read_config_file(str(path))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        config_lib.read_config_file(str(tmp_path / "missing.json"))

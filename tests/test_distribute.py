@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sokd_tf import custom_loop, distribute
 from sokd_tf.errors import ConfigError
+from sokd_tf.runtime import backup, cluster, loop
+from sokd_tf.runtime import strategy as strategy_lib
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,52 +108,52 @@ def _assert_same_weights(first, second, atol=1e-6):
 
 def test_make_strategy_rejects_unknown_names_and_stray_devices():
     with pytest.raises(ConfigError, match="train.strategy"):
-        distribute.make_strategy("horovod")
+        strategy_lib.make_strategy("horovod")
     with pytest.raises(ConfigError, match="mirrored"):
-        distribute.make_strategy("default", devices=["/cpu:0"])
+        strategy_lib.make_strategy("default", devices=["/cpu:0"])
 
 
 def test_default_strategy_is_single_process_chief():
-    strategy = distribute.make_strategy("default")
+    strategy = strategy_lib.make_strategy("default")
     assert strategy.num_replicas_in_sync == 1
-    assert distribute.is_chief(strategy)
-    assert not distribute.is_multi_worker(strategy)
-    assert not distribute.uses_custom_loop(strategy)
+    assert cluster.is_chief(strategy)
+    assert not cluster.is_multi_worker(strategy)
+    assert not loop.uses_custom_loop(strategy)
 
 
 def test_synchronized_bn_resolution():
-    strategy = distribute.make_strategy("default")
-    assert distribute.use_synchronized_bn(None, strategy) is False
-    assert distribute.use_synchronized_bn(True, strategy) is True
-    assert distribute.use_synchronized_bn(False, strategy) is False
+    strategy = strategy_lib.make_strategy("default")
+    assert strategy_lib.use_synchronized_bn(None, strategy) is False
+    assert strategy_lib.use_synchronized_bn(True, strategy) is True
+    assert strategy_lib.use_synchronized_bn(False, strategy) is False
 
 
 def test_set_precision_sets_and_rejects():
     try:
-        policy = distribute.set_precision("mixed_bfloat16")
+        policy = strategy_lib.set_precision("mixed_bfloat16")
         assert policy.compute_dtype == "bfloat16"
         assert policy.variable_dtype == "float32"
         assert keras.layers.Dense(2).dtype_policy.compute_dtype == "bfloat16"
         with pytest.raises(ConfigError, match="train.precision"):
-            distribute.set_precision("float8")
+            strategy_lib.set_precision("float8")
     finally:
-        distribute.set_precision("float32")
+        strategy_lib.set_precision("float32")
     assert keras.config.dtype_policy().name == "float32"
 
 
 def test_chief_writes_to_base(tmp_path):
-    strategy = distribute.make_strategy("default")
+    strategy = strategy_lib.make_strategy("default")
     base = str(tmp_path / "checkpoints")
-    assert distribute.worker_checkpoint_dir(base, strategy) == base
+    assert cluster.worker_dir(base, strategy) == base
     assert os.path.isdir(base)
-    distribute.remove_worker_checkpoint_dir(base, base)
+    cluster.remove_worker_dir(base, base)
     assert os.path.isdir(base), "the chief's directory is never removed"
 
 
 def test_read_backup_epoch(tmp_path):
-    assert distribute.read_backup_epoch(str(tmp_path)) == 0
+    assert backup.read_backup_epoch(str(tmp_path)) == 0
     (tmp_path / "training_metadata.json").write_text(json.dumps({"epoch": 7}))
-    assert distribute.read_backup_epoch(str(tmp_path)) == 7
+    assert backup.read_backup_epoch(str(tmp_path)) == 7
 
 
 # --- the custom loop against Keras' fit (one process) -------------------------------
@@ -168,7 +169,7 @@ def test_custom_loop_matches_keras_fit():
     ).history
 
     model = _tiny_model()
-    history = custom_loop.fit(
+    history = loop.custom_fit(
         model, train, strategy=strategy, epochs=2, steps_per_epoch=3,
         validation_data=validation,
     ).history
@@ -178,9 +179,9 @@ def test_custom_loop_matches_keras_fit():
         np.testing.assert_allclose(history[key], expected[key], rtol=1e-6)
     _assert_same_weights(_weights(model), _weights(reference))
     assert model.optimizer.iterations.numpy() == 6
-    evaluated = custom_loop.evaluate(model, validation, strategy=strategy)
+    evaluated = loop.custom_evaluate(model, validation, strategy=strategy)
     np.testing.assert_allclose(evaluated["loss"], history["val_loss"][-1], rtol=1e-6)
-    dispatched = distribute.evaluate_model(model, validation, strategy=strategy)
+    dispatched = loop.evaluate_model(model, validation, strategy=strategy)
     np.testing.assert_allclose(dispatched["loss"], evaluated["loss"], rtol=1e-6)
 
 
@@ -189,7 +190,7 @@ def test_custom_loop_calls_callbacks_like_fit(tmp_path):
     csv_path = str(tmp_path / "history.csv")
     seen = []
     model = _tiny_model()
-    custom_loop.fit(
+    loop.custom_fit(
         model, train, strategy=tf.distribute.get_strategy(), epochs=3, steps_per_epoch=2,
         initial_epoch=1,
         callbacks=[
@@ -205,17 +206,17 @@ def test_custom_loop_calls_callbacks_like_fit(tmp_path):
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
 
 
-@pytest.mark.parametrize("loop", ["keras_fit", "custom_loop"])
-def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, loop):
+@pytest.mark.parametrize("driver", ["keras_fit", "custom_loop"])
+def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, driver):
     train, _ = _tiny_data()
     strategy = tf.distribute.get_strategy()
 
     def run(model, epochs, callbacks):
-        if loop == "keras_fit":
+        if driver == "keras_fit":
             return model.fit(
                 train, epochs=epochs, steps_per_epoch=3, callbacks=callbacks, verbose=0
             )
-        return custom_loop.fit(
+        return loop.custom_fit(
             model, train, strategy=strategy, epochs=epochs, steps_per_epoch=3,
             callbacks=callbacks,
         )
@@ -225,15 +226,15 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path, loop):
 
     backup_dir = str(tmp_path / "backup")
     first = _tiny_model()
-    run(first, 2, [distribute.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)])
-    assert distribute.read_backup_epoch(backup_dir) == 2
+    run(first, 2, [backup.BackupAndRestore(backup_dir, strategy, delete_checkpoint=False)])
+    assert backup.read_backup_epoch(backup_dir) == 2
     assert sorted(os.listdir(backup_dir)) == ["epoch_2.weights.h5", "training_metadata.json"]
 
     # A fresh process would rebuild the model with different random weights.
     resumed = _tiny_model(seed=99)
     # The interrupted run's data iterator had consumed 2 epochs: skip them here.
     train = train.skip(6)
-    history = run(resumed, 3, [distribute.BackupAndRestore(backup_dir, strategy)])
+    history = run(resumed, 3, [backup.BackupAndRestore(backup_dir, strategy)])
     assert len(history.history["loss"]) == 1, "only the third epoch runs after the resume"
     assert resumed.optimizer.iterations.numpy() == 9
     _assert_same_weights(_weights(resumed), _weights(uninterrupted))
@@ -332,7 +333,7 @@ def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_pat
     assert [r["chief"] for r in phase_one] == [True, False]
     assert all(r["custom_loop"] and r["replicas"] == 2 for r in phase_one)
     assert all(r["first_epoch"] == 0 for r in phase_one)
-    assert distribute.read_backup_epoch(str(tmp_path / "backup")) == 1
+    assert backup.read_backup_epoch(str(tmp_path / "backup")) == 1
     # Phase 2: new processes resume from the chief's backup and run epoch 2.
     phase_two = _train_workers(tmp_path, epochs=2)
     for result in phase_two:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from sokd_tf import export
-from sokd_tf.artifacts import Workdir
 from sokd_tf.config import ExportConfig
 from sokd_tf.errors import ExportError
+from sokd_tf.stages import workdir as workdir_lib
+from sokd_tf.stages.workdir import Workdir
 
 FAST = ExportConfig(tflite_variants=("fp32", "int8"), representative_size=20, latency_runs=2)
 
@@ -72,13 +73,13 @@ def test_existing_version_is_rejected_before_any_work(tmp_path):
     export_dir = str(tmp_path / "export")
     _export(support.tiny_student(info), export_dir)
     before = _tree(export_dir)
-    with open(os.path.join(export_dir, export.REPORT_FILE)) as f:
+    with open(os.path.join(export_dir, workdir_lib.EXPORT_REPORT)) as f:
         report_before = f.read()
     taken = ExportConfig(version=1, tflite_variants=("fp32",), latency_runs=2)
     with pytest.raises(ExportError, match="version 1 already exists"):
         _export(support.tiny_student(info, seed=3), export_dir, taken)
     assert _tree(export_dir) == before
-    with open(os.path.join(export_dir, export.REPORT_FILE)) as f:
+    with open(os.path.join(export_dir, workdir_lib.EXPORT_REPORT)) as f:
         assert f.read() == report_before
 
 

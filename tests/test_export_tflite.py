@@ -11,6 +11,7 @@ import pytest
 from sokd_tf import export
 from sokd_tf.errors import ExportError
 from sokd_tf.export import qat, tflite
+from sokd_tf.stages import workdir as workdir_lib
 
 VARIANTS = ("fp32", "fp16", "dynamic_int8", "int8", "int8_float_io", "qat_int8")
 
@@ -33,7 +34,7 @@ def _tensor_dtypes(path):
 @pytest.mark.slow
 def test_every_variant_runs_in_litert_and_agrees_with_keras(trained_export):
     export_dir, report = trained_export
-    with open(os.path.join(export_dir, export.REPORT_FILE)) as f:
+    with open(os.path.join(export_dir, workdir_lib.EXPORT_REPORT)) as f:
         assert json.load(f) == json.loads(json.dumps(report))
     assert tuple(report["tflite"]) == VARIANTS
     keras_top1 = report["keras"]["top1"]

@@ -14,8 +14,8 @@ from absl.testing import flagsaver
 from pipelines import common
 from pipelines import distill as distill_pipeline
 from sokd_tf import config as config_lib
-from sokd_tf import workflow
 from sokd_tf.errors import ConfigError, DataError, UserError
+from sokd_tf.stages import run as run_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -82,13 +82,13 @@ def test_unreadable_data_dir(parsed_flags, tmp_path):
 
 def test_changed_config_is_refused_unless_overwrite(tmp_path):
     first = config_lib.resolve("quickstart")
-    workflow.prepare_workdir(first, str(tmp_path))
-    workflow.prepare_workdir(first, str(tmp_path))  # Same config: resumes, no error.
+    run_stage.prepare_workdir(first, str(tmp_path))
+    run_stage.prepare_workdir(first, str(tmp_path))  # Same config: resumes, no error.
     changed = config_lib.resolve("quickstart", {"train.epochs": 99})
     with pytest.raises(ConfigError, match=rf"train\.epochs: {first.train.epochs} -> 99"):
-        workflow.prepare_workdir(changed, str(tmp_path))
+        run_stage.prepare_workdir(changed, str(tmp_path))
     (tmp_path / "distill").mkdir()
-    workflow.prepare_workdir(changed, str(tmp_path), overwrite=True)
+    run_stage.prepare_workdir(changed, str(tmp_path), overwrite=True)
     assert not (tmp_path / "distill").exists()
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["train"]["epochs"] == 99

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sokd_tf import distillers, distribute, models
+from sokd_tf import distillers, models
 from sokd_tf.config import TrainConfig
 from sokd_tf.models import peer as peer_lib
+from sokd_tf.runtime import strategy as strategy_lib
 
 IMAGE_SHAPE = (8, 8, 3)
 NUM_CLASSES = 4
@@ -31,11 +32,11 @@ def _learnable_batch(count=32):
 
 @pytest.fixture
 def precision(request):
-    policy = distribute.set_precision(request.param)
+    policy = strategy_lib.set_precision(request.param)
     try:
         yield policy
     finally:
-        distribute.set_precision("float32")
+        strategy_lib.set_precision("float32")
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"], indirect=True)
@@ -80,8 +81,8 @@ def _policies(model):
 
 def test_float32_teacher_file_runs_in_the_distillation_policy(tmp_path):
     """A teacher trained in float32 and its peer compute in bfloat16 in a bf16 run."""
-    from sokd_tf import training
     from sokd_tf.data.info import DatasetInfo
+    from sokd_tf.stages import teacher as teacher_stage
 
     keras.utils.set_random_seed(0)
     teacher = models.BUILDERS["wrn_16_1"](IMAGE_SHAPE, NUM_CLASSES, name="teacher")
@@ -91,12 +92,12 @@ def test_float32_teacher_file_runs_in_the_distillation_policy(tmp_path):
     float32_logits = np.asarray(teacher(images, training=False))
     info = DatasetInfo(name="toy", num_classes=NUM_CLASSES, image_shape=IMAGE_SHAPE,
                        class_names=tuple("abcd"), split_sizes={}, mean=(0.0,), std=(1.0,))
-    distribute.set_precision("mixed_bfloat16")
+    strategy_lib.set_precision("mixed_bfloat16")
     try:
-        loaded = training.load_teacher(path, info)
+        loaded = teacher_stage.load_teacher(path, info)
         peer = peer_lib.build_peer(loaded)
     finally:
-        distribute.set_precision("float32")
+        strategy_lib.set_precision("float32")
     for model in (loaded, peer):
         policies = _policies(model)
         assert policies.pop("logits") == "float32"
@@ -108,7 +109,7 @@ def test_float32_teacher_file_runs_in_the_distillation_policy(tmp_path):
     # bfloat16 keeps 8 bits of mantissa: the same network, rounded.
     np.testing.assert_allclose(logits, float32_logits, atol=0.1 * np.abs(float32_logits).max())
     # In float32 the file loads as it is.
-    assert set(_policies(training.load_teacher(path, info)).values()) == {"float32"}
+    assert set(_policies(teacher_stage.load_teacher(path, info)).values()) == {"float32"}
 
 
 def test_bfloat16_student_exports_float32_artifacts(tmp_path):
@@ -118,7 +119,7 @@ def test_bfloat16_student_exports_float32_artifacts(tmp_path):
     from sokd_tf.config import ExportConfig
 
     info, train_images, _, test_images, test_labels = support.data()
-    distribute.set_precision("mixed_bfloat16")
+    strategy_lib.set_precision("mixed_bfloat16")
     try:
         student = models.BUILDERS["wrn_10_1"](info.image_shape, info.num_classes, name="student")
         assert _policies(student)["group1_block1_conv1"] == "mixed_bfloat16"
@@ -130,7 +131,7 @@ def test_bfloat16_student_exports_float32_artifacts(tmp_path):
         )
         assert keras.config.dtype_policy().name == "mixed_bfloat16", "caller's policy restored"
     finally:
-        distribute.set_precision("float32")
+        strategy_lib.set_precision("float32")
     # The artifacts reproduce the float32 twin of the student (checked inside the export).
     assert report["tflite"]["fp32"]["input_dtype"] == "float32"
     assert report["tflite"]["fp32"]["agreement"] >= 0.99
@@ -146,7 +147,7 @@ def test_a_student_that_cannot_be_retyped_is_a_clear_export_error(tmp_path):
     from sokd_tf.errors import ExportError
 
     info, train_images, _, test_images, test_labels = support.data()
-    distribute.set_precision("mixed_bfloat16")
+    strategy_lib.set_precision("mixed_bfloat16")
     try:
         images = keras.Input(info.image_shape)
         x = keras.layers.Lambda(lambda t: t * 2.0, name="doubling")(images)
@@ -161,5 +162,5 @@ def test_a_student_that_cannot_be_retyped_is_a_clear_export_error(tmp_path):
             )
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
     finally:
-        distribute.set_precision("float32")
+        strategy_lib.set_precision("float32")
     assert not (tmp_path / "export").exists()

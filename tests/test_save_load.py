@@ -104,7 +104,7 @@ def test_student_file_loads_in_a_fresh_process_through_sokd_tf(tmp_path):
     np.save(tmp_path / "images.npy", images())
     code = (
         "import sys, numpy as np\n"
-        "from sokd_tf.evaluation import load_model\n"
+        "from sokd_tf.stages.evaluate import load_model\n"
         "from sokd_tf.models.fused_batch_norm import FusedBatchNormalization\n"
         "model = load_model(sys.argv[1])\n"
         "assert any(isinstance(l, FusedBatchNormalization) for l in model._flatten_layers())\n"

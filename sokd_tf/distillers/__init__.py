@@ -16,7 +16,16 @@ from sokd_tf.distillers.optimization import (
 from sokd_tf.distillers.semi_online import SemiOnlineDistiller
 from sokd_tf.distillers.vanilla import VanillaTrainer
 
+# Method name (`train.method`) -> trainer class. `needs_teacher` lives on the class.
+METHODS = {
+    "vanilla": VanillaTrainer,
+    "kd": KnowledgeDistiller,
+    "dml": MutualLearner,
+    "sokd": SemiOnlineDistiller,
+}
+
 __all__ = [
+    "METHODS",
     "Distiller",
     "EpochStepDecay",
     "KnowledgeDistiller",

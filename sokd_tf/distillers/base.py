@@ -89,7 +89,12 @@ class Distiller(keras.Model):
 
     Subclasses set their role models as attributes before calling `_setup`, and
     implement `train_step`, `test_step`, `call` and `get_config`.
+
+    Class attribute `needs_teacher`: whether the method distills from a trained teacher
+    (the stages train or load one only then).
     """
+
+    needs_teacher = False
 
     def _setup(self, *, term_names: Sequence[str], weights: Mapping[str, float],
                trained_roles: Sequence[str], num_classes: int) -> None:

@@ -37,6 +37,8 @@ class KnowledgeDistiller(base.Distiller):
     `student/top5` (more than 5 classes). `call()` returns the student's logits.
     """
 
+    needs_teacher = True
+
     def __init__(self, teacher: keras.Model, student: keras.Model,
                  temperature: float = LossConfig.temperature,
                  weights: Mapping[str, float] | None = None,

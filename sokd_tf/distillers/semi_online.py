@@ -50,6 +50,8 @@ class SemiOnlineDistiller(base.Distiller):
     there are more than 5 classes). `call()` returns the student's logits.
     """
 
+    needs_teacher = True
+
     def __init__(self, teacher: keras.Model, peer: keras.Model, student: keras.Model,
                  temperature: float = LossConfig.temperature,
                  weights: Mapping[str, float] | None = None,

@@ -7,7 +7,6 @@ turns load failures into `ExportError`. The pieces (`export_saved_model`,
 """
 
 from sokd_tf.export.exporter import (
-    REPORT_FILE,
     export_student,
     load_student,
     verify_saved_model,
@@ -20,7 +19,6 @@ from sokd_tf.export.serving import next_version
 from sokd_tf.export.tflite import LiteRTClassifier, convert_tflite, evaluate_tflite, write_tflite
 
 __all__ = [
-    "REPORT_FILE",
     "LiteRTClassifier",
     "add_ratios",
     "check_student",

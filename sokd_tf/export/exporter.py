@@ -11,7 +11,6 @@ leaves the export directory as it was.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,7 +19,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sokd_tf.models import fused_batch_norm  # noqa: F401  (registers the layer for load_model)
 from sokd_tf.config import ExportConfig
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.errors import ConfigError, ExportError
@@ -28,8 +26,7 @@ from sokd_tf.export import qat, saved_model, serving, tflite
 from sokd_tf.export.preprocess import check_images, check_student, normalize_numpy
 from sokd_tf.export.report import add_ratios
 from sokd_tf.models import precision
-
-REPORT_FILE = "report.json"
+from sokd_tf.stages import workdir as workdir_lib
 
 
 def load_student(path: str) -> keras.Model:
@@ -162,7 +159,7 @@ def _export_checked_student(
             f"test labels ({len(test_labels)}) and test images ({len(test_images_uint8)}) "
             "differ in number"
         )
-    model_dir = os.path.join(export_dir, "serving", export_config.model_name)
+    model_dir = os.path.join(export_dir, workdir_lib.SERVING_DIR, export_config.model_name)
     # Resolve now so a taken version fails before any work.
     version = serving.next_version(model_dir, export_config.version)
 
@@ -175,7 +172,7 @@ def _export_checked_student(
     staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=export_dir)
     try:
         version_dir = saved_model.export_saved_model(
-            student, info, os.path.join(export_dir, "serving"), export_config.model_name,
+            student, info, os.path.join(export_dir, workdir_lib.SERVING_DIR), export_config.model_name,
             version=version, warmup_images_uint8=test_images_uint8[:8],
         )
         created.append(version_dir)
@@ -210,13 +207,13 @@ def _export_checked_student(
                 latency_runs=export_config.latency_runs,
             )
         add_ratios(report)
-        tflite_dir = os.path.join(export_dir, "tflite")
+        tflite_dir = os.path.join(export_dir, workdir_lib.TFLITE_DIR)
         os.makedirs(tflite_dir, exist_ok=True)
         for variant, path in staged.items():
             final = os.path.join(tflite_dir, f"{variant}.tflite")
             os.replace(path, final)
             report["tflite"][variant]["path"] = final
-        _write_json(os.path.join(export_dir, REPORT_FILE), report)
+        workdir_lib.write_json(os.path.join(export_dir, workdir_lib.EXPORT_REPORT), report)
     except BaseException:
         for path in created:
             shutil.rmtree(path, ignore_errors=True)
@@ -248,11 +245,3 @@ def _convert_variants(student, info, export_config, train_images_uint8, staging,
         )
     return staged
 
-
-def _write_json(path: str, value) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -9,12 +9,11 @@ rewrites its files from the restored epoch on, so every epoch is recorded exactl
 from __future__ import annotations
 
 import csv
-import os
 import sys
 
 import keras
 
-from sokd_tf import artifacts
+from sokd_tf.stages import workdir as workdir_lib
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -73,14 +72,14 @@ class BestCheckpoints(keras.callbacks.Callback):
     def __init__(self, directory, monitor, models, initial_epoch=0):
         super().__init__()
         self.initial_epoch = initial_epoch
-        self.directory = directory
+        self.files = workdir_lib.StageFiles(directory)
         self.monitor = dict(monitor)
         self.models = models
-        self.state_path = os.path.join(directory, "checkpoints", "best.json")
+        self.state_path = self.files.best_state
         self.best = {}
 
     def on_train_begin(self, logs=None):
-        self.best = artifacts.read_json(self.state_path, default={})
+        self.best = workdir_lib.read_json(self.state_path, default={})
         # A run killed after a new best but before its backup redoes that epoch: forget
         # bests from epochs the restored state has not completed.
         self.best = {
@@ -104,8 +103,8 @@ class BestCheckpoints(keras.callbacks.Callback):
                     "test_top1": float(logs[test_key]) if test_key in logs else None,
                 }
                 for stem, model in self.models.get(role, {}).items():
-                    artifacts.save_model(model, os.path.join(self.directory, f"{stem}_best.keras"))
-        artifacts.write_json(self.state_path, self.best)
+                    workdir_lib.save_model(model, self.files.model(stem, "best"))
+        workdir_lib.write_json(self.state_path, self.best)
 
 
 class MetricHistory(keras.callbacks.Callback):
@@ -122,28 +121,30 @@ class MetricHistory(keras.callbacks.Callback):
     def __init__(self, directory, initial_epoch=0):
         super().__init__()
         self.initial_epoch = initial_epoch
-        self.csv_path = os.path.join(directory, "history.csv")
-        self.json_path = os.path.join(directory, "history.json")
+        files = workdir_lib.StageFiles(directory)
+        self.csv_path = files.history_csv
+        self.json_path = files.history_json
         self.rows = []
 
     def on_train_begin(self, logs=None):
-        rows = artifacts.read_json(self.json_path, default=[])
+        rows = workdir_lib.read_json(self.json_path, default=[])
         self.rows = [row for row in rows if row["epoch"] <= self.initial_epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}
         row.update({key: float(value) for key, value in (logs or {}).items()})
         self.rows.append(row)
-        artifacts.write_json(self.json_path, self.rows)
+        workdir_lib.write_json(self.json_path, self.rows)
         keys = []
         for r in self.rows:
             keys.extend(k for k in r if k not in keys)
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        workdir_lib.atomic_write(self.csv_path, write_csv)
 
 
 class EpochSummary(keras.callbacks.Callback):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from sokd_tf import artifacts
+from sokd_tf.stages import workdir as workdir_lib
 
 
 def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
-def _plot(paths: artifacts.Workdir, histories: dict, bars: dict) -> list[str]:
+def _plot(paths: workdir_lib.Workdir, histories: dict, bars: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,15 +66,15 @@ def _plot(paths: artifacts.Workdir, histories: dict, bars: dict) -> list[str]:
 
 def write_report(workdir: str) -> str:
     """Writes `workdir/report.md` (+ `plots/*.png`) from the run's artifacts; returns its path."""
-    paths = artifacts.Workdir(workdir)
-    config = artifacts.read_json(paths.config, {})
-    teacher = artifacts.read_json(os.path.join(paths.teacher_dir, "results.json"))
-    distill = artifacts.read_json(os.path.join(paths.distill_dir, "results.json"))
-    evaluation = artifacts.read_json(paths.evaluation, {})
-    export = artifacts.read_json(os.path.join(paths.export_dir, "report.json"))
+    paths = workdir_lib.Workdir(workdir)
+    config = workdir_lib.read_json(paths.config, {})
+    teacher = workdir_lib.read_json(paths.teacher.results)
+    distill = workdir_lib.read_json(paths.distill.results)
+    evaluation = workdir_lib.read_json(paths.evaluation, {})
+    export = workdir_lib.read_json(paths.export_report)
     histories = {
-        "teacher": artifacts.read_json(os.path.join(paths.teacher_dir, "history.json"), []),
-        "distill": artifacts.read_json(os.path.join(paths.distill_dir, "history.json"), []),
+        "teacher": workdir_lib.read_json(paths.teacher.history_json, []),
+        "distill": workdir_lib.read_json(paths.distill.history_json, []),
     }
 
     lines = ["# sokd_tf run report", ""]
@@ -145,11 +145,7 @@ def write_report(workdir: str) -> str:
         lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in written]
         lines.append("")
     lines += ["## Resolved config", "", "```json", _json(config), "```", ""]
-    text = "\n".join(lines)
-    tmp = paths.report + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, paths.report)
+    workdir_lib.write_text(paths.report, "\n".join(lines))
     return paths.report
 
 

@@ -1,4 +1,12 @@
-"""A small `fit` for `MultiWorkerMirroredStrategy`, where Keras 3.15 `Model.fit` fails.
+"""Training and evaluation under any strategy, and the one resumable-fit call of the stages.
+
+`resumable_fit` is what `sokd_tf.stages.fit` calls: it picks the directory this process
+writes (the run's own on the chief, a temporary one elsewhere), the epoch to resume at,
+adds the backup callback, dispatches to `Model.fit` or the custom loop below, and
+cleans up.
+
+The custom loop: a small `fit` for `MultiWorkerMirroredStrategy`, where Keras 3.15
+`Model.fit` fails.
 
 `Model.fit` under a multi-worker `MultiWorkerMirroredStrategy` fails twice inside
 Keras' TensorFlow trainer (docs/SCALING.md has the traces and the root cause):
@@ -19,19 +27,58 @@ The step function is a plain `tf.function` (no XLA): `jit_compile` applies to `M
 only (on CPU it is slower anyway, see docs/SCALING.md).
 
 Every worker runs this loop in lockstep (same steps, same collective reads); only the
-chief's files are kept (see `sokd_tf.distribute.worker_checkpoint_dir`).
+chief's files are kept (see `sokd_tf.runtime.cluster.worker_dir`).
 
 Reference: https://www.tensorflow.org/tutorials/distribute/multi_worker_with_ctl
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from sokd_tf import distribute
+from sokd_tf.runtime import backup, cluster
+
+
+def uses_custom_loop(strategy: tf.distribute.Strategy) -> bool:
+    """True where Keras 3.15 `Model.fit` fails and `custom_fit` must run instead.
+
+    Only a multi-worker `MultiWorkerMirroredStrategy` (docs/SCALING.md has the
+    root cause); `fit` runs under the default, mirrored and TPU strategies.
+    """
+    return cluster.is_multi_worker(strategy)
+
+
+
+def distribute_dataset(
+    strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
+) -> tf.data.Dataset | tf.distribute.DistributedDataset:
+    """Splits a dataset of GLOBAL batches across the strategy's replicas.
+
+    Sharding is by data (`AutoShardPolicy.DATA`): every worker runs the same
+    deterministic pipeline and keeps its own slice of each global batch, so the
+    replicas of one step together see exactly the global batch one device would see
+    (file-based sharding would give each worker different images per step).
+
+    Args:
+      strategy: the strategy in force.
+      dataset: batched `(images [batch, H, W, C], labels [batch])` with the global
+        batch size.
+
+    Returns:
+      A distributed dataset (the default strategy returns the dataset itself).
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
 
 
 def _make_step_function(model: keras.Model, strategy: tf.distribute.Strategy, step_fn):
@@ -73,7 +120,7 @@ class _Runner:
 
     def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy):
         if model.optimizer is None:
-            raise ValueError("custom_loop.fit needs a compiled model (model.compile first)")
+            raise ValueError("custom_fit needs a compiled model (model.compile first)")
         self.model = model
         self.strategy = strategy
         self.train_function = _make_step_function(model, strategy, model.train_step)
@@ -88,7 +135,7 @@ class _Runner:
         self.reset_metrics()
         callback_list.on_test_begin()
         logs: dict[str, Any] = {}
-        distributed = distribute.distribute_dataset(self.strategy, dataset)
+        distributed = distribute_dataset(self.strategy, dataset)
         for step, batch in enumerate(distributed):
             if steps is not None and step >= steps:
                 break
@@ -100,7 +147,7 @@ class _Runner:
         return logs
 
 
-def fit(
+def custom_fit(
     model: keras.Model,
     dataset: tf.data.Dataset,
     *,
@@ -147,7 +194,7 @@ def fit(
         steps=steps_per_epoch,
         model=model,
     )
-    iterator = iter(distribute.distribute_dataset(strategy, dataset))
+    iterator = iter(distribute_dataset(strategy, dataset))
     model.stop_training = False
     callback_list.on_train_begin()
     # Keras' BackupAndRestore hands the resume epoch to `fit` through this attribute;
@@ -177,7 +224,7 @@ def fit(
     return model.history
 
 
-def evaluate(
+def custom_evaluate(
     model: keras.Model,
     dataset: tf.data.Dataset,
     *,
@@ -194,3 +241,95 @@ def evaluate(
     callback_list = keras.callbacks.CallbackList(callbacks, model=model)
     logs = runner.evaluate(dataset, steps, callback_list)
     return {name: float(value) for name, value in logs.items()}
+
+
+def fit_model(model: keras.Model, dataset, *, strategy: tf.distribute.Strategy, **kwargs):
+    """Trains `model` like `model.fit(dataset, **kwargs)` under any strategy.
+
+    Dispatches to `model.fit` except where it cannot run (multi-worker), where
+    `custom_fit` drives the same `train_step`/`test_step`.
+
+    Args:
+      model: a compiled model built inside `strategy.scope()`.
+      dataset: `tf.data.Dataset` of global batches (endless, with `steps_per_epoch`).
+      strategy: the strategy the model was built under.
+      **kwargs: `epochs`, `steps_per_epoch`, `validation_data`, `validation_steps`,
+        `callbacks`, `initial_epoch`, `verbose`, as `Model.fit`.
+
+    Returns:
+      The `keras.callbacks.History`.
+    """
+    if uses_custom_loop(strategy):
+        return custom_fit(model, dataset, strategy=strategy, **kwargs)
+    with strategy.scope():
+        return model.fit(dataset, **kwargs)
+
+
+
+def evaluate_model(
+    model: keras.Model, dataset, *, strategy: tf.distribute.Strategy, steps: int | None = None
+) -> dict[str, float]:
+    """`model.evaluate(dataset, return_dict=True)` under any strategy.
+
+    Under multi-worker (where Keras' `evaluate` fails like `fit`) it runs
+    `custom_evaluate`; every worker must call it, in the same order.
+
+    Returns:
+      `{metric name: value}` over all replicas' examples.
+    """
+    if uses_custom_loop(strategy):
+        return custom_evaluate(model, dataset, strategy=strategy, steps=steps)
+    with strategy.scope():
+        results = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
+    return {name: float(value) for name, value in results.items()}
+
+
+@dataclasses.dataclass
+class ResumableFit:
+    """One stage's training session under a strategy (see `resumable_fit`).
+
+    Attributes:
+      write_dir: where this process writes the stage's files: the stage directory on
+        the chief, a temporary directory on other workers (removed when the session ends).
+      first_epoch: the epoch training resumes at (0 without a backup); build the
+        training data from it, so a resumed run sees the batches an uninterrupted one would.
+    """
+
+    write_dir: str
+    first_epoch: int
+    backup_dir: str
+    strategy: tf.distribute.Strategy
+
+    def fit(self, model: keras.Model, dataset, *, callbacks=(), **kwargs):
+        """`fit_model` with the backup callback added last.
+
+        Last, so an epoch counts as done only once every other callback has written
+        its files.
+        """
+        callbacks = [
+            *callbacks,
+            backup.BackupAndRestore(self.backup_dir, self.strategy, delete_checkpoint=False),
+        ]
+        return fit_model(model, dataset, strategy=self.strategy, callbacks=callbacks, **kwargs)
+
+
+@contextlib.contextmanager
+def resumable_fit(
+    stage_dir: str, backup_dir: str, strategy: tf.distribute.Strategy
+) -> Iterator[ResumableFit]:
+    """The runtime's one call for a resumable, multi-worker-safe training stage.
+
+    Args:
+      stage_dir: the stage's real directory (created on the chief).
+      backup_dir: where the chief keeps the resume backup (all workers restore from it).
+      strategy: the strategy the model is built under.
+
+    Yields:
+      A `ResumableFit`: its `write_dir` for the stage's callbacks, `first_epoch` for the
+      data pipeline, and `fit(...)`.
+    """
+    write_dir = cluster.worker_dir(stage_dir, strategy)
+    try:
+        yield ResumableFit(write_dir, backup.read_backup_epoch(backup_dir), backup_dir, strategy)
+    finally:
+        cluster.remove_worker_dir(write_dir, stage_dir)

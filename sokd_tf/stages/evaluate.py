@@ -1,0 +1,82 @@
+"""Evaluate stage: top-1/top-5 of any saved model, and of every model a run saved."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+
+from sokd_tf.config import RunConfig
+from sokd_tf.data import ImageDataset
+from sokd_tf.errors import UserError
+from sokd_tf.stages import workdir as workdir_lib
+
+
+def evaluate_model(model: keras.Model, data) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (top-5 only with more than 5 classes) of a logits model.
+
+    Args:
+      model: images `[batch, H, W, C]` -> logits `[batch, num_classes]`.
+      data: finite dataset of `(images, labels)` batches.
+
+    Returns:
+      {"top1": float, "top5": float (when num_classes > 5), "examples": int}.
+    """
+    num_classes = model.output_shape[-1]
+    top1 = keras.metrics.SparseCategoricalAccuracy()
+    top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=5) if num_classes > 5 else None
+    logits = model.predict(data.map(lambda images, labels: images), verbose=0)
+    labels = np.concatenate([labels for _, labels in data.as_numpy_iterator()])
+    top1.update_state(labels, logits)
+    if top5 is not None:
+        top5.update_state(labels, logits)
+    examples = int(labels.shape[0])
+    results = {"top1": float(top1.result()), "examples": examples}
+    if top5 is not None:
+        results["top5"] = float(top5.result())
+    return results
+
+
+def load_model(path: str) -> keras.Model:
+    """Loads a `.keras` model (safe mode on); a missing or bad file raises UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"model file {path!r} does not exist")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a bad file.
+        raise UserError(f"cannot load model {path!r}: {error}") from None
+
+
+# Every model a run may save, in report order: (name in evaluation.json, file stem, which).
+SAVED_MODELS = (
+    ("teacher_best", "teacher", "best"),
+    ("student_best", "student", "best"),
+    ("student_last", "student", "last"),
+    ("peer_best", "peer", "best"),
+    ("peer_last", "peer", "last"),
+    ("reconstructed_teacher_best", "reconstructed_teacher", "best"),
+    ("reconstructed_teacher_last", "reconstructed_teacher", "last"),
+)
+
+
+def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
+    """Test top-1/top-5 of every model the run saved; writes `evaluation.json`.
+
+    The teacher file distilled from, the teacher stage's validation-best teacher, and
+    every `distill/*_{best,last}.keras` (student, DML's or SOKD's peer, SOKD's
+    reconstructed teacher), each loaded from disk.
+    """
+    paths = workdir_lib.Workdir(workdir)
+    test_data = dataset.eval_batches("test", config.data.eval_batch_size)
+    candidates = {"teacher": config.model.teacher_checkpoint or paths.teacher_checkpoint}
+    for name, stem, which in SAVED_MODELS:
+        stage = paths.teacher if stem == "teacher" else paths.distill
+        candidates[name] = stage.model(stem, which)
+    results = {}
+    for name, path in candidates.items():
+        if os.path.exists(path):
+            model = load_model(path)
+            results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}
+    workdir_lib.write_json(paths.evaluation, results)
+    return results

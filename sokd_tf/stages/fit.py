@@ -1,0 +1,130 @@
+"""The resumable fit harness shared by the teacher and distillation stages.
+
+The whole story of a training stage, in order:
+
+1. `setup_runtime`: seeds, op determinism, the dtype policy and the strategy.
+2. The stage builds its trainer (a distiller) inside `strategy.scope()` and compiles it.
+3. `fit_stage`: asks the runtime where this process writes and which epoch it resumes
+   at (`runtime.loop.resumable_fit`), builds the epoch-seeded training data from that
+   epoch, and fits with the stage callbacks: learning-rate log, test-split evaluation,
+   best checkpoint per role (chosen on the validation split, or on test in paper mode),
+   the metric history, a one-line summary, TensorBoard, and the backup (added last by the
+   runtime, so an epoch counts as done only once everything else is written).
+4. `stage_results`: the stage's `results.json` record from the history and best epochs.
+
+Reference: docs/METHOD.md, "Optimisation" and "Protocol".
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+from sokd_tf.config import RunConfig
+from sokd_tf.data import ImageDataset
+from sokd_tf.runtime import loop
+from sokd_tf.runtime import strategy as strategy_lib
+from sokd_tf.stages import callbacks
+from sokd_tf.stages import workdir as workdir_lib
+
+PAPER_SELECTION = "best on test, as the paper reports"
+
+
+def setup_runtime(config: RunConfig, strategy: tf.distribute.Strategy | None = None):
+    """Seeds, precision policy and strategy for a stage; returns the strategy.
+
+    `strategy` is one the caller already made: a process creates its strategy once
+    (a multi-worker or TPU strategy cannot be set up twice), `stages.run.run` passes it
+    to every stage. None = make `config.train.strategy`'s.
+    """
+    keras.utils.set_random_seed(config.train.seed)
+    if config.data.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy_lib.set_precision(config.train.precision)
+    return strategy if strategy is not None else strategy_lib.make_strategy(config.train.strategy)
+
+
+def steps_per_epoch(config: RunConfig, dataset: ImageDataset) -> int:
+    """One pass over the training split, capped by `train.steps_per_epoch`."""
+    steps = dataset.steps_per_epoch(config.data.batch_size, drop_remainder=config.data.drop_remainder)
+    if config.train.steps_per_epoch is not None:
+        steps = min(steps, config.train.steps_per_epoch)
+    return steps
+
+
+def fit_stage(trainer, *, config, dataset, strategy, stage_dir, epochs, best_models, test_data):
+    """Runs `fit` with resume, logging and best-epoch checkpoints.
+
+    Args:
+      trainer: a compiled distiller built in `strategy.scope()`.
+      config: the run's config.
+      dataset: the run's `ImageDataset`.
+      strategy: the strategy the trainer was built under.
+      stage_dir: the stage's directory in the workdir.
+      epochs: total epochs of the stage.
+      best_models: role -> {file stem: model} saved on that role's best epoch (chosen on
+        `val_{role}/top1`).
+      test_data: finite test-split batches, evaluated after every epoch.
+
+    Returns:
+      (history rows, best epoch record per role). Under multi-worker training every worker
+      runs this; only the chief's files land in `stage_dir`.
+    """
+    steps = steps_per_epoch(config, dataset)
+    stage_files = workdir_lib.StageFiles(stage_dir)
+    with loop.resumable_fit(stage_dir, stage_files.backup, strategy) as session:
+        train_data = dataset.train_batches(
+            config.data.batch_size,
+            seed=config.train.seed,
+            first_epoch=session.first_epoch,
+            steps_per_epoch=steps,
+            drop_remainder=config.data.drop_remainder,
+        )
+        validation_split = "validation" if config.data.validation_size > 0 else "test"
+        validation_data = dataset.eval_batches(validation_split, config.data.eval_batch_size)
+
+        def evaluate(model, data):
+            return loop.evaluate_model(model, data, strategy=strategy)
+
+        roles = list(best_models)
+        monitor = {role: f"val_{role}/top1" for role in roles}
+        history = callbacks.MetricHistory(session.write_dir, initial_epoch=session.first_epoch)
+        session.fit(
+            trainer,
+            train_data,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            validation_data=validation_data,
+            callbacks=[
+                callbacks.LearningRateLogger(),
+                callbacks.TestSplitEvaluation(test_data, evaluate),
+                callbacks.BestCheckpoints(
+                    session.write_dir, monitor, best_models, initial_epoch=session.first_epoch
+                ),
+                history,
+                callbacks.EpochSummary(roles, epochs),
+                keras.callbacks.TensorBoard(workdir_lib.StageFiles(session.write_dir).logs),
+            ],
+            verbose=2 if os.environ.get("CI") else 1,
+        )
+        best = workdir_lib.read_json(workdir_lib.StageFiles(session.write_dir).best_state, {})
+    return history.rows, best
+
+
+def stage_results(rows, best, roles, validation_size) -> dict:
+    """The `results.json` record of a training stage (top-1 as fractions)."""
+    last = rows[-1] if rows else {}
+    selection = "validation" if validation_size > 0 else PAPER_SELECTION
+    out = {"epochs_completed": len(rows), "best_epoch_selected_on": selection, "roles": {}}
+    for role in roles:
+        record = best.get(role, {})
+        out["roles"][role] = {
+            "last_test_top1": last.get(f"test_{role}/top1"),
+            "last_test_top5": last.get(f"test_{role}/top5"),
+            "best_epoch": record.get("epoch"),
+            "best_selection_top1": record.get("value"),
+            "best_test_top1": record.get("test_top1"),
+        }
+    return out
