@@ -1,12 +1,12 @@
 """Frozen configuration dataclasses, the presets, and their resolution.
 
-The dataclass defaults ARE the library's defaults and equal the paper recipe of the
-SOKD spec (CIFAR-100, WRN-40-2 -> WRN-40-1, 200 epochs, batch 128, SGD 0.1, step x0.1 at
+The dataclass defaults ARE the library's defaults and equal the paper's recipe
+(CIFAR-100, WRN-40-2 -> WRN-40-1, 200 epochs, batch 128, SGD 0.1, step x0.1 at
 epochs 100 and 150, weight decay 5e-4 coupled L2, T = 4, seed 8888). A preset is a named
 set of overrides on top of the defaults; flags override a preset. Every default exists
 once: here.
 
-Reference: SOKD spec, "Optimisation (official recipe, CIFAR-100)".
+Reference: docs/METHOD.md, "Optimisation" and "Data".
 """
 
 from __future__ import annotations
