@@ -6,13 +6,15 @@ state and peak memory are its own. The timed step is exactly what `Model.fit` ru
 (`make_train_function()` of the compiled distiller); warm-up steps (tracing,
 compilation) are excluded. A timed window is kept only when other processes used at
 most `--max_other_load` CPUs meanwhile (read from /proc/stat); otherwise it is retried,
-up to 3x `--repeats` windows. (The PyTorch reference keeps a window when its own CPU use
-reaches 90 % of its threads.)
+up to 3x `--repeats` windows. (The PyTorch reference applies the same rule and also
+keeps a window only when its own CPU use reaches 90 % of its threads.)
 
 In the same run it measures the machine's practical peak (a large float32 and bfloat16
-matmul on the same threads) and runs the PyTorch reference script in its own virtual
-environment (`.bench_venv`, created on first use with `pip install torch==2.13.0 numpy`
-unless `--no-install`; torch is never a dependency of this project).
+matmul on the same threads) and runs the PyTorch reference, `benchmarks/torch_reference.py`
+(the authors' steps restated in PyTorch; it asserts the authors' parameter counts before
+timing), in its own virtual environment (`.bench_venv`, created on first use with
+`pip install torch==2.13.0 numpy` unless `--no-install`; torch is never a dependency of
+this project), with the same methods and teacher BatchNorm modes.
 
 Usage (from the repository root):
   python benchmarks/step_throughput.py --batch=64 [--batch=128] \
@@ -35,9 +37,7 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TORCH_SCRIPT = os.path.join(
-    os.path.dirname(REPO_ROOT), "shared", "bench", "sokd_torch_throughput.py"
-)
+DEFAULT_TORCH_SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py")
 DEFAULT_BENCH_VENV = os.path.join(REPO_ROOT, ".bench_venv")
 METHODS = ("vanilla", "kd", "dml", "sokd")
 # Ablation only (not in the default list): SOKD computing the teacher trunk twice.
@@ -309,10 +309,14 @@ _RSS_WRAPPER = (
 )
 
 
-def _run_torch_reference(python, script, batch, steps, repeats, threads):
-    """The PyTorch script's JSON plus its process's peak RSS (via a runpy wrapper)."""
-    command = [python, "-c", _RSS_WRAPPER, script, f"--batch={batch}", f"--steps={steps}",
-               f"--repeats={repeats}", f"--threads={threads}"]
+def _run_torch_reference(python, script, batch, args, threads):
+    """The PyTorch reference's JSON plus its process's peak RSS (via a runpy wrapper)."""
+    methods = [m for m in args.methods.split(",") if m in METHODS]
+    command = [python, "-c", _RSS_WRAPPER, script, f"--batch={batch}", f"--steps={args.steps}",
+               f"--repeats={args.repeats}", f"--warmup={args.warmup}", f"--threads={threads}",
+               f"--methods={','.join(methods)}", f"--kd_teacher_bn={args.kd_teacher_bn}",
+               f"--sokd_teacher_bn={args.sokd_teacher_bn}",
+               f"--max_other_load={args.max_other_load}"]
     process = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if process.returncode != 0:
         raise RuntimeError(f"PyTorch reference failed:\n{process.stderr[-3000:]}")
@@ -420,11 +424,11 @@ def run_driver(args) -> None:
     if torch_python and os.path.exists(args.torch_script):
         threads = args.intra_threads or os.cpu_count()
         for batch in args.batch:
-            output = _run_torch_reference(torch_python, args.torch_script, batch,
-                                          args.steps, args.repeats, threads)
+            output = _run_torch_reference(torch_python, args.torch_script, batch, args, threads)
             torch_raw[batch] = output
             torch_by_batch[batch] = {
-                mode: values["images_per_s_median"] for mode, values in output["modes"].items()
+                method: values["images_per_s_median"]
+                for method, values in output["methods"].items()
             }
             print(f"PyTorch batch {batch}: {json.dumps(torch_raw[batch])}", flush=True)
     else:
@@ -454,16 +458,17 @@ def run_driver(args) -> None:
         "Counted GFLOP per image (this run): "
         + ", ".join(f"{m} {v:.3f}" for m, v in flops.items())
         + f" (issue: {ISSUE_GFLOP_PER_IMAGE}).",
-        f"Teacher BN: KD {args.kd_teacher_bn}, SOKD {args.sokd_teacher_bn} (as the PyTorch "
-        "reference: KD teacher in eval mode, SOKD teacher in train mode).",
+        f"Teacher BN: KD {args.kd_teacher_bn}, SOKD {args.sokd_teacher_bn} (the PyTorch "
+        "reference runs the same modes: frozen = eval mode, official = train mode).",
         "",
     ]
     for batch, raw in torch_raw.items():
-        modes = ", ".join(
-            f"{mode} {values['images_per_s_median']} ({values['images_per_s_min']}-"
-            f"{values['images_per_s_max']})" for mode, values in raw["modes"].items()
+        rates = ", ".join(
+            f"{method} {values['images_per_s_median']} ({values['images_per_s_min']}-"
+            f"{values['images_per_s_max']})" for method, values in raw["methods"].items()
         )
-        report.append(f"PyTorch reference ({raw['framework']}, batch {batch}): {modes} images/s; "
+        report.append(f"PyTorch reference ({raw['framework']}, batch {batch}, parameter-count "
+                      f"self-check {raw['self_check']}): {rates} images/s; "
                       f"peak RSS {raw['peak_rss_mib']} MiB.")
     report += ["", _table(records, peak, torch_by_batch), "", _ratios(records, flop_ratio)]
     text = "\n".join(report)
@@ -501,7 +506,7 @@ def parse_args(argv=None):
                         "choice), stock (Keras' layer), fused (FusedBatchNormalization)")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--torch_script", default=DEFAULT_TORCH_SCRIPT,
-                        help="PyTorch reference script (never copied into this repository)")
+                        help="PyTorch reference script (default benchmarks/torch_reference.py)")
     parser.add_argument("--bench_venv", default=DEFAULT_BENCH_VENV)
     parser.add_argument("--no-install", dest="install", action="store_false",
                         help="do not create the bench venv / install torch")

@@ -8,7 +8,7 @@ defaults; a `--config` file overrides a preset; flags override both. `resolve` t
 each baseline method its standard recipe (`METHOD_RECIPES`) for every field none of those
 set. Every default exists once: here.
 
-Reference: docs/METHOD.md, "Optimisation" and "Protocol".
+Reference: docs/METHOD.md, "Optimisation", "Data" and "Protocol".
 """
 
 from __future__ import annotations

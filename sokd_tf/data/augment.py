@@ -6,8 +6,8 @@ it from (seed, epoch, batch index)). Padding is never materialised: a crop windo
 reaches into the padding reads the reflected pixel directly, which is exactly what
 `tf.pad(mode="REFLECT")` followed by a crop produces.
 
-Reference: SOKD spec, "Optimisation" (official CIFAR augmentation: pad 4, crop, flip);
-DECISIONS.md, "Data".
+Reference: docs/METHOD.md, "Data" (the official CIFAR augmentation: reflect-pad 4, crop,
+flip).
 """
 
 from __future__ import annotations

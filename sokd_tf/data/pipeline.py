@@ -24,7 +24,7 @@ and cifar100 (tfds or IDX sources), else the converter's `dataset_info.json`, el
 computed from the source's full train split (before the hold-out, so the statistics are
 a property of the dataset, not of the seed).
 
-Reference: DECISIONS.md, "Data"; SOKD spec, "Optimisation".
+Reference: docs/METHOD.md, "Data" and "Protocol".
 """
 
 from __future__ import annotations

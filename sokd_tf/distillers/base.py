@@ -1,7 +1,7 @@
 """Plumbing shared by the distillers: metric trackers, teacher BN modes, batch size.
 
-Reference: SOKD spec, "Quirks of the official code" (teacher BatchNorm) and STYLE
-("Distillers are plumbing").
+Reference: docs/METHOD.md, "Teacher BatchNorm" and "Objective"; docs/DESIGN.md,
+"Distillers".
 """
 
 from __future__ import annotations

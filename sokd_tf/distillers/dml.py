@@ -1,7 +1,7 @@
 """Deep Mutual Learning: two networks trained from scratch, each imitating the other.
 
-Reference: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning" (CVPR 2018); SOKD spec,
-"Baselines".
+Reference: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning" (CVPR 2018);
+docs/METHOD.md, "Baselines".
 """
 
 from __future__ import annotations

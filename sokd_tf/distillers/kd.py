@@ -1,7 +1,7 @@
 """Hinton knowledge distillation from a frozen teacher.
 
 Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015);
-SOKD spec, "Baselines".
+docs/METHOD.md, "Baselines".
 """
 
 from __future__ import annotations

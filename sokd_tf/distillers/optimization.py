@@ -17,7 +17,7 @@ from Keras' defaults and are reproduced here:
 Points 2 and 3 act on gradients, before `apply_gradients`, in `apply_role_gradients`;
 the optimizer carries their hyperparameters so the distillers need no extra arguments.
 
-Reference: SOKD spec, "Optimisation (official recipe, CIFAR-100)".
+Reference: docs/METHOD.md, "Optimisation".
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Semi-Online Knowledge Distillation: frozen teacher, peer and student trained together.
 
 Reference: Liu, Liu & Huang, "Semi-Online Knowledge Distillation" (BMVC 2021,
-arXiv 2111.11747), Sec. 3; SOKD spec.
+arXiv 2111.11747), Sec. 3; docs/METHOD.md, "Objective", "Teacher BatchNorm" and
+"Optimisation".
 """
 
 from __future__ import annotations

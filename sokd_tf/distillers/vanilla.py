@@ -1,6 +1,6 @@
 """Plain cross-entropy training of one network (a teacher, or the vanilla student).
 
-Reference: SOKD spec, "Baselines" (vanilla) and the teacher recipe.
+Reference: docs/METHOD.md, "Baselines" (vanilla) and "Optimisation" (teacher training).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ always target first, learner second; the target side is gradient-stopped inside,
 direction of knowledge flow is written once, here.
 
 Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015);
-SOKD spec, "Objective".
+docs/METHOD.md, "Objective".
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def softened_kl(target_logits, learner_logits, temperature):
     Returns:
       `[batch]` float32.
 
-    Reference: SOKD spec, "Objective" (`softened_kl`).
+    Reference: docs/METHOD.md, "Objective".
     """
     return kl_divergence(target_logits, learner_logits, temperature) * (temperature**2)
 

@@ -1,7 +1,7 @@
 """The five named terms of Semi-Online Knowledge Distillation.
 
 Reference: Liu, Liu & Huang, "Semi-Online Knowledge Distillation" (BMVC 2021,
-arXiv 2111.11747), Eq. 4-6; SOKD spec, "Objective".
+arXiv 2111.11747), Eq. 4-6; docs/METHOD.md, "Objective".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The peer is a structural copy of everything after the teacher's penultimate stag
 WRN: the last group + final BN/ReLU/pool/dense), fed by that stage's raw output. The
 teacher stem .. penultimate stage followed by the peer is the "reconstructed teacher".
 
-Reference: SOKD spec, "Roles" (arXiv 2111.11747, Sec. 3).
+Reference: docs/METHOD.md, "Roles" (arXiv 2111.11747, Sec. 3).
 """
 
 from __future__ import annotations

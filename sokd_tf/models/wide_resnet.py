@@ -9,8 +9,8 @@ Stride-2 3x3 convolutions use explicit `ZeroPadding2D(1)` + "valid" so the sampl
 equals PyTorch's `padding=1` (Keras "same" pads bottom/right only at stride 2), which
 keeps PyTorch checkpoints importable.
 
-Reference: Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016); the SOKD spec,
-"Roles"; RepDistiller `models/wrn.py`.
+Reference: Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016); docs/METHOD.md,
+"Architectures"; RepDistiller `models/wrn.py`.
 """
 
 from __future__ import annotations
