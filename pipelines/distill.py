@@ -1,12 +1,12 @@
 """Distillation stage: --method=vanilla|kd|dml|sokd.
 
-    python -m pipelines.distill --workdir=workdir/quickstart --method=sokd
+    sokd-tf distill --workdir=workdir/quickstart --method=sokd
 
 kd and sokd read the teacher from --teacher_checkpoint, else from the workdir's
-teacher/teacher.keras (written by pipelines.train_teacher); dml and vanilla need none.
+teacher/teacher.keras (written by `sokd-tf train-teacher`); dml and vanilla need none.
 """
 
-from absl import app
+from absl import flags
 
 from pipelines import common
 from sokd_tf.data import load_dataset
@@ -14,6 +14,7 @@ from sokd_tf.stages import distill, run
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
+flags.adopt_module_key_flags(common)
 
 
 def body():
@@ -27,5 +28,9 @@ def body():
         print(f"{role}: last test top-1 {record['last_test_top1']}, best epoch {record['best_epoch']}")
 
 
+def main(argv=None):
+    common.main(body, argv, module=__name__)
+
+
 if __name__ == "__main__":
-    app.run(common.main_wrapper(body))
+    main()

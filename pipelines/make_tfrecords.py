@@ -1,22 +1,23 @@
 """Converts any data source into sharded TFRecords of tf.Example (+ dataset_info.json).
 
-    python -m pipelines.make_tfrecords --out_dir=data/fashion_mnist_tfrecord
-    python -m pipelines.make_tfrecords --source=image_folder --data_dir=my_images \
+    sokd-tf make-tfrecords --out_dir=data/fashion_mnist_tfrecord
+    sokd-tf make-tfrecords --source=image_folder --data_dir=my_images \
         --dataset=my_images --out_dir=data/my_images_tfrecord --num_shards=16
 
-The source is chosen with the usual data flags (--preset, --source, --dataset,
+The source is chosen with the data flags (--preset, --config, --source, --dataset,
 --data_dir; default: the quickstart preset's Fashion-MNIST). The output is read back
 with --source=tfrecord --data_dir=OUT_DIR and is the tf.Example data of the TF Serving
 `predict_examples` signature.
 """
 
-from absl import app, flags
+from absl import flags
 
 from pipelines import common
 from sokd_tf.data import convert_to_tfrecords
 from sokd_tf.data.tfrecord import IMAGE_FORMATS, IMAGE_KEY, LABEL_KEY
 
-common.define_config_flags(default_preset="quickstart")
+common.define_config_flags(sections=("data",), default_preset="quickstart")
+flags.adopt_module_key_flags(common)
 flags.DEFINE_string("out_dir", None, "Output directory of the TFRecord shards.", required=True)
 flags.DEFINE_integer("num_shards", 8, "Shards of the train split (test: proportional).",
                      lower_bound=1)
@@ -36,5 +37,9 @@ def body():
         print(f"{split}: {len(paths)} file(s) in {FLAGS.out_dir}")
 
 
+def main(argv=None):
+    common.main(body, argv, module=__name__)
+
+
 if __name__ == "__main__":
-    app.run(common.main_wrapper(body))
+    main()

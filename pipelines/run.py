@@ -1,18 +1,19 @@
 """End-to-end job: teacher -> SOKD -> evaluation -> export -> report.md.
 
-    python -m pipelines.run --workdir=workdir/quickstart            # quickstart preset
-    python -m pipelines.run --preset=cifar100_wrn40_2_wrn40_1 --workdir=runs/paper
+    sokd-tf run --workdir=workdir/quickstart            # quickstart preset
+    sokd-tf run --preset=cifar100_wrn40_2_wrn40_1 --workdir=runs/paper
 
 Rerunning the same command on the same workdir resumes from the last completed epoch.
 """
 
-from absl import app
+from absl import flags
 
 from pipelines import common
 from sokd_tf.stages import run
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
+flags.adopt_module_key_flags(common)
 
 
 def body():
@@ -24,5 +25,9 @@ def body():
         print("training done; the chief worker evaluates, exports and writes the report")
 
 
+def main(argv=None):
+    common.main(body, argv, module=__name__)
+
+
 if __name__ == "__main__":
-    app.run(common.main_wrapper(body))
+    main()

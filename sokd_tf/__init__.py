@@ -6,6 +6,23 @@ sokd_tf load with plain `keras.saving.load_model` (safe mode on).
 Reference: arXiv 2111.11747; docs/METHOD.md.
 """
 
+import sys
+
 __version__ = "0.2.0.dev0"
 
-from sokd_tf.models import fused_batch_norm as _fused_batch_norm  # noqa: E402,F401
+
+def _located_by_python_m() -> bool:
+    """True while `python -m sokd_tf ...` imports this package to find its `__main__`.
+
+    Python sets `sys.argv[0]` to "-m" while it locates the module (documented for `-m`).
+    """
+    argv = getattr(sys, "orig_argv", [])
+    return (sys.argv[:1] == ["-m"] and "-m" in argv
+            and argv[argv.index("-m") + 1: argv.index("-m") + 2] == ["sokd_tf"])
+
+
+# The command (`sokd_tf/__main__.py` -> `pipelines.cli`) hides TensorFlow's start-up lines,
+# which must happen before TensorFlow is first imported; it registers the layers through
+# its own imports of `sokd_tf.models`.
+if not _located_by_python_m():
+    from sokd_tf.models import fused_batch_norm as _fused_batch_norm  # noqa: F401

@@ -177,7 +177,10 @@ class TrainConfig:
         (stepped per epoch).
       teacher_lr_decay_epochs: the teacher's own decay epochs (`train_teacher`); None =
         `lr_decay_epochs` (the paper trains its teacher on the same schedule).
-      momentum, nesterov: SGD momentum (PyTorch-style, no Nesterov).
+      lr_decay_factor: the factor of each decay step.
+      momentum: SGD momentum, in PyTorch's form (`b = momentum * b + g`).
+      nesterov: Nesterov momentum (off for SOKD, as the authors; on in DML's standard
+        recipe).
       weight_decay: coupled L2 (wd * w added to the gradient) on every trained variable.
       teacher_bn_mode: "official" (teacher BN on batch statistics, moving statistics
         updating, as the authors' code) or "frozen" (inference mode, bit-for-bit frozen).
@@ -187,7 +190,8 @@ class TrainConfig:
         see `METHOD_RECIPES`) or "sokd" (every method on SOKD's recipe). Fields set
         explicitly (preset, config file, flags) always win.
       seed: global seed (weights, data order, augmentation).
-      jit_compile: XLA compile the train step.
+      jit_compile: XLA compile the train step (not under "multi_worker", whose loop
+        runs the step without XLA).
       precision: Keras dtype policy.
       strategy: tf.distribute strategy.
       steps_per_epoch: cap on steps per epoch (None = one pass over the training split).
@@ -236,6 +240,11 @@ class TrainConfig:
                 )
         if self.steps_per_epoch is not None:
             _check_range("train.steps_per_epoch", self.steps_per_epoch, low=1)
+        if self.jit_compile and self.strategy == "multi_worker":
+            raise ConfigError(
+                "train.jit_compile does not apply under train.strategy='multi_worker': its "
+                "training loop runs the step without XLA (docs/SCALING.md); unset jit_compile"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

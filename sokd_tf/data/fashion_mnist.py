@@ -40,7 +40,7 @@ FILES = {
 HOW_TO_GET = (
     "install the Debian package dataset-fashion-mnist (`apt-get install "
     "dataset-fashion-mnist`, files in /usr/share/datasets/fashion-mnist), pass "
-    "--data_dir pointing at the four IDX files, or use --source=tfds --name=fashion_mnist "
+    "--data_dir pointing at the four IDX files, or use --source=tfds --dataset=fashion_mnist "
     "when online"
 )
 

@@ -24,11 +24,15 @@ and cifar100 (tfds or IDX sources), else the converter's `dataset_info.json`, el
 computed from the source's full train split (before the hold-out, so the statistics are
 a property of the dataset, not of the seed).
 
+Progress: `load_dataset` logs one line per step (source read and validated, statistics,
+hold-out) through Python logging at INFO, logger `sokd_tf.data.pipeline`.
+
 Reference: docs/METHOD.md, "Data" and "Protocol".
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -52,6 +56,7 @@ KNOWN_STATISTICS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _MAX_EPOCHS = 2**62
+logger = logging.getLogger(__name__)
 
 
 def normalize(pixels: tf.Tensor, mean, std) -> tf.Tensor:
@@ -348,8 +353,15 @@ def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -
       ConfigError: settings that do not fit the data (e.g. "cifar10" normalisation on
         a dataset without 3 channels).
     """
+    logger.info("[data] reading %s (source %s) from %s", data_config.name, data_config.source,
+                data_config.data_dir or "the source's default location")
     source = _load_source(data_config)
     channels = source.image_shape[-1]
+    logger.info(
+        "[data] %s: %s images of %s, %d classes, labels checked", source.name,
+        ", ".join(f"{split} {data.size}" for split, data in source.splits.items()),
+        "x".join(map(str, source.image_shape)), len(source.class_names),
+    )
     if data_config.normalization == "none":
         mean, std = (0.0,) * channels, (1.0,) * channels
     elif data_config.normalization == "cifar10":
@@ -363,12 +375,16 @@ def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -
     elif source.mean is not None and len(source.mean) == channels:
         mean, std = source.mean, source.std
     else:
+        logger.info("[data] computing normalisation statistics over %d training images",
+                    source.splits["train"].size)
         mean, std = _statistics(source.splits["train"], channels)
 
     splits = {"train": source.splits["train"]}
     if data_config.validation_size > 0:
         splits["train"], splits["validation"] = _hold_out(
             source.splits["train"], data_config.validation_size, seed)
+        logger.info("[data] held out %d validation images (seed %d): %d left to train on",
+                    splits["validation"].size, seed, splits["train"].size)
     splits["test"] = source.splits["test"]
     info = DatasetInfo(
         name=source.name,

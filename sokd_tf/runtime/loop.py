@@ -262,7 +262,9 @@ def fit_model(model: keras.Model, dataset, *, strategy: tf.distribute.Strategy, 
     if uses_custom_loop(strategy):
         return custom_fit(model, dataset, strategy=strategy, **kwargs)
     with strategy.scope():
-        return model.fit(dataset, **kwargs)
+        # `dataset` is a tf.data pipeline that orders its own epochs (sokd_tf.data); Keras'
+        # `shuffle` cannot apply to it, and its default `shuffle=True` only warns so.
+        return model.fit(dataset, shuffle=False, **kwargs)
 
 
 
