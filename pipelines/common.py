@@ -280,7 +280,6 @@ def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
         if wants_help:
             print(help_text(argv[0], module, config()))
             sys.exit(0)
-        logging.use_absl_handler()
         _show_library_progress()
         body()
     except UserError as error:

@@ -281,3 +281,47 @@ def test_export_reports_a_line_per_variant_with_counts(tmp_path, caplog):
         f"[export] done: 2 LiteRT file(s) in {tmp_path / 'tflite'}, report {tmp_path / 'report.json'}",
     ]
     assert json.loads((tmp_path / "report.json").read_text())["version"] == 1
+
+
+@pytest.mark.slow
+def test_stage_commands_under_two_workers_report_the_same_record(small_fashion_mnist, tmp_path):
+    """`train-teacher` then `distill` with --strategy=multi_worker on 2 workers (127.0.0.1).
+
+    Every worker prints its stage's results record; a non-chief worker used to fail on an
+    empty one (KeyError), now both print the same numbers.
+    """
+    from test_distribute import _env as worker_env
+    from test_distribute import _free_port, _run_processes
+
+    workdir = tmp_path / "run"
+    flags_ = [
+        f"--workdir={workdir}", f"--data_dir={small_fashion_mnist}", "--strategy=multi_worker",
+        "--teacher=wrn_10_1", "--student=wrn_10_1", "--batch_size=64", "--eval_batch_size=128",
+        "--validation_size=128", "--epochs=1", "--teacher_epochs=1", "--lr_decay_epochs=1",
+        "--teacher_lr_decay_epochs=1", "--steps_per_epoch=2",
+    ]
+    logs = {}
+    for stage, extra in (("train-teacher", []), ("distill", ["--method=sokd"])):
+        ports = [_free_port(), _free_port()]
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+        stage_dir = tmp_path / stage
+        stage_dir.mkdir()
+        commands = []
+        for index in range(2):
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            commands.append(([sys.executable, "-m", "sokd_tf", stage, *flags_, *extra],
+                             worker_env(TF_CONFIG=tf_config, CI="1", PYTHONPATH=_env()["PYTHONPATH"])))
+        _run_processes(commands, str(stage_dir), timeout_s=600)
+        logs[stage] = [(stage_dir / f"process_{i}.log").read_text() for i in range(2)]
+
+    teacher = json.loads((workdir / "teacher" / "results.json").read_text())
+    expected = (f"teacher: {workdir}/teacher/teacher.keras "
+                f"(last test top-1 {teacher['roles']['teacher']['last_test_top1']})")
+    distilled = json.loads((workdir / "distill" / "results.json").read_text())
+    for role in ("student", "peer"):
+        record = distilled["roles"][role]
+        line = f"{role}: last test top-1 {record['last_test_top1']}, best epoch {record['best_epoch']}"
+        for log in logs["distill"]:
+            assert line in log.splitlines(), log[-3000:]
+    for log in logs["train-teacher"]:
+        assert expected in log.splitlines(), log[-3000:]

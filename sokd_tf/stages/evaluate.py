@@ -64,13 +64,15 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
     """Test top-1/top-5 of every model the run saved; writes `evaluation.json`.
 
     The teacher file distilled from, the teacher stage's validation-best teacher, and
-    every `distill/*_{best,last}.keras` (student, DML's or SOKD's peer, SOKD's
-    reconstructed teacher), each loaded from disk.
+    every `distill/*_{best,last}.keras` image model (student, DML's peer, SOKD's
+    reconstructed teacher; SOKD's peer takes teacher features), each loaded from disk.
     """
     paths = workdir_lib.Workdir(workdir)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
     candidates = {"teacher": config.model.teacher_checkpoint or paths.teacher_checkpoint}
     for name, stem, which in SAVED_MODELS:
+        if stem == "peer" and config.train.method != "dml":
+            continue  # SOKD's peer maps teacher features to logits: its reconstructed teacher is the image model
         stage = paths.teacher if stem == "teacher" else paths.distill
         candidates[name] = stage.model(stem, which)
     results = {}
