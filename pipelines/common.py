@@ -264,7 +264,7 @@ def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
     argv = list(sys.argv if argv is None else argv)
     wants_help = [arg for arg in argv[1:] if arg in _HELP_ARGS]
     if "--helpfull" in argv[1:]:
-        FLAGS([argv[0]])
+        FLAGS.mark_as_parsed()
         print(FLAGS.get_help())
         sys.exit(0)
     try:

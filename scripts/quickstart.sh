@@ -5,5 +5,4 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
 cd "$repo"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"  # hide TensorFlow C++ start-up chatter
 exec "$repo/.venv/bin/python" -m pipelines.run --preset=quickstart --workdir=workdir/quickstart "$@"

@@ -117,6 +117,18 @@ def test_jit_compile_under_multi_worker_is_refused():
         config_lib.resolve(None, {"train.jit_compile": True, "train.strategy": "multi_worker"})
 
 
+def test_quiet_start_hides_cpp_lines_below_the_level_and_keeps_everything_else():
+    from pipelines import startup
+
+    info = b"I0000 00:00:1796165066.862425   21489 port.cc:153] oneDNN custom operations are on.\n"
+    error = b"E0000 00:00:1796165085.755779   21489 cuda_platform.cc:52] failed call to cuInit\n"
+    notice = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    python_warning = b"/x.py:3: UserWarning: something of ours\n"
+    assert [startup._is_hidden(line, 3) for line in (info, error, notice, python_warning)] == [
+        True, True, True, False]
+    assert [startup._is_hidden(line, 2) for line in (info, error)] == [True, False]
+
+
 # --- the real entry points ---------------------------------------------------------
 
 
