@@ -64,7 +64,8 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
     """Test top-1/top-5 of every model the run saved; writes `evaluation.json`.
 
     The teacher file distilled from, the teacher stage's validation-best teacher, and
-    every `distill/*_{best,last}.keras` (student, DML's or SOKD's peer, SOKD's
+    every `distill/*_{best,last}.keras` that takes images (student, DML's peer, SOKD's
+    reconstructed teacher; SOKD's peer takes teacher features and is evaluated as the
     reconstructed teacher), each loaded from disk.
     """
     paths = workdir_lib.Workdir(workdir)
@@ -75,8 +76,11 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
         candidates[name] = stage.model(stem, which)
     results = {}
     for name, path in candidates.items():
-        if os.path.exists(path):
-            model = load_model(path)
-            results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}
+        if not os.path.exists(path):
+            continue
+        model = load_model(path)
+        if tuple(model.input_shape[1:]) != tuple(dataset.info.image_shape):
+            continue  # SOKD's peer takes teacher features; reconstructed_teacher is its image model.
+        results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}
     workdir_lib.write_json(paths.evaluation, results)
     return results
