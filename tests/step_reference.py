@@ -4,14 +4,16 @@ Nothing here calls `sokd_tf.losses` or a distiller's `forward`: the reference ru
 role models itself, writes each method's terms with plain TensorFlow ops (CE through
 `log_softmax`, `T^2 * KL` by hand), takes the gradients with its own `tf.GradientTape`,
 adds coupled L2 (`wd * w`) and applies the first step of PyTorch-form momentum SGD at
-each role's rate (step 1: `buffer = gradient`, `w -= lr_role * buffer`).
+each role's rate (step 1: `buffer = d`, `w -= lr_role * buffer`; Nesterov:
+`w -= lr_role * (d + momentum * buffer)`).
 
 A `Case` holds role models at fixed initial weights, the reference update of every
 trained variable, the BatchNorm moving statistics the reference forward left, and a
 factory for the trainer under test. `real_step` runs one real `fit` step of that trainer
 from the same weights; `relative_errors` compares the two updates per role.
 
-Reference: docs/METHOD.md (objective, teacher BatchNorm, optimisation recipe).
+Reference: docs/METHOD.md, "Objective", "Teacher BatchNorm", "Optimisation" and
+"Baselines".
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ TEMPERATURE = 4.0
 # role, or left out, moves the update far beyond TOLERANCE.
 LEARNING_RATES = {"student": 0.2, "peer": 0.1, "teacher": 0.3}
 WEIGHT_DECAY = 0.05
+MOMENTUM = 0.9
 # float32 steps agree with the reference to ~2e-6 (reduction order of the kernels).
 TOLERANCE = 1e-5
 # A mixed_float16 step against the float32 reference: float16 activations agree to ~2e-3.
@@ -115,12 +118,14 @@ def kl(target_logits, learner_logits, temperature, squared=True):
     return value * temperature**2 if squared else value
 
 
-def reference_update(loss_fn, role_models):
+def reference_update(loss_fn, role_models, nesterov=False):
     """The first optimizer step the recipe takes on `loss_fn()`, per trained role.
 
-    `torch.optim.SGD(lr_role, momentum, weight_decay)` on its first step: `d = g + wd * w`,
-    `buffer = d`, `w -= lr_role * buffer` (momentum has no history yet).
+    `torch.optim.SGD(lr_role, momentum, weight_decay, nesterov)` on its first step:
+    `d = g + wd * w`, `buffer = d` (no history yet), `w -= lr_role * buffer`; with
+    Nesterov `w -= lr_role * (d + momentum * buffer)`.
     """
+    step_factor = 1.0 + MOMENTUM if nesterov else 1.0
     variables = {role: list(model.trainable_variables) for role, model in role_models.items()}
     with tf.GradientTape() as tape:
         loss = loss_fn()
@@ -132,8 +137,8 @@ def reference_update(loss_fn, role_models):
         for variable in role_vars:
             gradient = next(gradients)
             assert gradient is not None, f"no gradient for {role} {variable.path}"
-            updates[role].append((-LEARNING_RATES[role] * (gradient + WEIGHT_DECAY * variable))
-                                 .numpy())
+            d = gradient + WEIGHT_DECAY * variable
+            updates[role].append((-LEARNING_RATES[role] * step_factor * d).numpy())
     return updates
 
 
@@ -171,7 +176,7 @@ def kd_reference(teacher, student, images, labels, teacher_bn_mode):
     return reference_update(loss, {"student": student})
 
 
-def dml_reference(peer, student, images, labels, temperature, squared):
+def dml_reference(peer, student, images, labels, temperature, squared, nesterov):
     """DML: each network CE + KL(p_other || p_self), weight 1 each."""
 
     def loss():
@@ -184,7 +189,7 @@ def dml_reference(peer, student, images, labels, temperature, squared):
             + kl(tf.stop_gradient(peer_logits), student_logits, temperature, squared)
         )
 
-    return reference_update(loss, {"peer": peer, "student": student})
+    return reference_update(loss, {"peer": peer, "student": student}, nesterov)
 
 
 def vanilla_reference(network, role, images, labels):
@@ -203,6 +208,7 @@ class Case:
     models: dict[str, keras.Model]  # every role, trained or not
     trained_roles: tuple[str, ...]
     make_trainer: Callable[[], distillers.Distiller]
+    nesterov: bool = False
     initial: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
     updates: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
     statistics: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
@@ -217,8 +223,8 @@ def moving_statistics(model):
     return [v for v in model.weights if "moving_" in v.path]
 
 
-def make_case(models, trained_roles, make_trainer, reference):
-    case = Case(models, trained_roles, make_trainer)
+def make_case(models, trained_roles, make_trainer, reference, nesterov=False):
+    case = Case(models, trained_roles, make_trainer, nesterov)
     case.initial = {role: [v.numpy().copy() for v in m.weights] for role, m in models.items()}
     images, labels = batch()
     with full_float32_matmuls():
@@ -287,7 +293,7 @@ def kd_case(teacher_bn_mode):
     )
 
 
-def dml_case(temperature, squared):
+def dml_case(temperature, squared, nesterov):
     peer, student = tiny_model("peer", 1), tiny_model("student", 2)
     return make_case(
         {"peer": peer, "student": student},
@@ -296,7 +302,8 @@ def dml_case(temperature, squared):
             peer, student, temperature=temperature, temperature_squared=squared
         ),
         lambda images, labels: dml_reference(peer, student, images, labels, temperature,
-                                             squared),
+                                             squared, nesterov),
+        nesterov,
     )
 
 
@@ -316,8 +323,9 @@ CASES = {
     "sokd_official_float16": lambda get: sokd_float16_case(get("sokd_official")),
     "kd_official": lambda get: kd_case("official"),
     "kd_frozen": lambda get: kd_case("frozen"),
-    "dml": lambda get: dml_case(1.0, False),
-    "dml_t2_squared": lambda get: dml_case(2.0, True),
+    # DML's standard recipe steps with Nesterov momentum.
+    "dml": lambda get: dml_case(1.0, False, nesterov=True),
+    "dml_t2_squared": lambda get: dml_case(2.0, True, nesterov=False),
     "vanilla_student": lambda get: vanilla_case("student"),
     "vanilla_teacher": lambda get: vanilla_case("teacher"),
 }
@@ -335,8 +343,13 @@ def case_cache():
     return get
 
 
-def real_step(case: Case, run_eagerly: bool = False):
-    """One `fit` step of the case's trainer from the initial weights; returns it."""
+def real_step(case: Case, *, run_eagerly: bool = False, optimizer_built: bool = False):
+    """One `fit` step of the case's trainer from the initial weights; returns it.
+
+    `optimizer_built`: build the optimizer's slots before `fit`, as a resumed run does
+    (sokd_tf/runtime/backup.py), instead of inside the first trace of the step, which
+    costs a second trace; the update is the same either way.
+    """
     case.restore()
     trainer = case.make_trainer()
     config = TrainConfig(
@@ -344,9 +357,13 @@ def real_step(case: Case, run_eagerly: bool = False):
         peer_learning_rate=LEARNING_RATES["peer"],
         teacher_learning_rate=LEARNING_RATES["teacher"],
         weight_decay=WEIGHT_DECAY,
+        momentum=MOMENTUM,
+        nesterov=case.nesterov,
     )
     trainer.compile(optimizer=distillers.make_optimizer(config, steps_per_epoch=1),
                     jit_compile=False, run_eagerly=run_eagerly)
+    if optimizer_built:
+        trainer.optimizer.build(trainer.trainable_variables)
     images, labels = batch()
     with full_float32_matmuls():
         trainer.fit(images, labels, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)

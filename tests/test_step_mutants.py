@@ -9,6 +9,11 @@ tolerance that the real step meets, which shows the step tests catch a mis-wired
 The mutants run `fit` eagerly (`run_eagerly=True`: no graph to trace per mutant); the
 control test shows the unmutated step passes the same comparison eagerly, so a failure
 is the mutation's doing.
+
+Two mistakes are left out because no step can show them: removing the stop-gradient on
+the teacher's features or logits (no teacher variable is trainable, so no gradient
+reaches one either way; tests/test_step_exact.py checks the teacher's parameters stay
+bit-for-bit), and swapping DML's two networks (its loss is symmetric in them).
 """
 
 from __future__ import annotations
