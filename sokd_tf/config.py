@@ -130,6 +130,15 @@ class LossConfig:
       kd_ce_weight, kd_weight: KD's `student/ce` and `student/kd_from_teacher` weights.
       dml_temperature: DML's temperature.
       dml_temperature_squared: scale DML's KL terms by T^2 (off, as DML).
+      hint_weight, attention_weight: the student's FitNet hint and attention-transfer
+        terms: `student/hint_from_teacher`, `student/at_from_teacher` (KD) or
+        `student/hint_from_peer`, `student/at_from_peer` (SOKD). 0 = off; RepDistiller
+        runs FitNet at 100 and AT at 1000 (per-example conventions in
+        `sokd_tf.losses.feature`).
+      peer_hint_weight, peer_attention_weight: SOKD's `peer/hint_from_teacher`,
+        `peer/at_from_teacher`. 0 = off.
+      feature_pairs: the deepest stage pairs each feature term uses (stages are paired
+        from the deepest, `sokd_tf.distillers.features.pair_stages`); None = all.
     """
 
     temperature: float = 4.0
@@ -142,10 +151,17 @@ class LossConfig:
     kd_weight: float = 0.9
     dml_temperature: float = 1.0
     dml_temperature_squared: bool = False
+    hint_weight: float = 0.0
+    attention_weight: float = 0.0
+    peer_hint_weight: float = 0.0
+    peer_attention_weight: float = 0.0
+    feature_pairs: int | None = None
 
     def __post_init__(self):
         _check_range("loss.temperature", self.temperature, low=0.0, strict=True)
         _check_range("loss.dml_temperature", self.dml_temperature, low=0.0, strict=True)
+        if self.feature_pairs is not None:
+            _check_range("loss.feature_pairs", self.feature_pairs, low=1)
         for field in dataclasses.fields(self):
             if field.name.endswith("_weight"):
                 _check_range(f"loss.{field.name}", getattr(self, field.name), low=0.0)
@@ -161,6 +177,20 @@ class LossConfig:
 
     def kd_weights(self) -> dict[str, float]:
         return {"student/ce": self.kd_ce_weight, "student/kd_from_teacher": self.kd_weight}
+
+    def kd_feature_weights(self) -> dict[str, float]:
+        return {
+            "student/hint_from_teacher": self.hint_weight,
+            "student/at_from_teacher": self.attention_weight,
+        }
+
+    def sokd_feature_weights(self) -> dict[str, float]:
+        return {
+            "peer/hint_from_teacher": self.peer_hint_weight,
+            "peer/at_from_teacher": self.peer_attention_weight,
+            "student/hint_from_peer": self.hint_weight,
+            "student/at_from_peer": self.attention_weight,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
