@@ -24,7 +24,7 @@ from sokd_tf.errors import ConfigError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 DATA_SOURCES = ("fashion_mnist", "tfds", "tfrecord", "image_folder")
-METHODS = ("vanilla", "kd", "dml", "sokd")
+METHODS = ("vanilla", "kd", "fitnet", "at", "dml", "sokd")
 TEACHER_BN_MODES = ("official", "frozen")
 PEER_INITS = ("fresh", "copy")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -386,8 +386,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 # KD: the teacher in inference mode (Hinton et al.; RepDistiller and KD-Zoo run it so).
 # DML: KD-Zoo's recipe (SGD with Nesterov momentum, weight decay 1e-4, same schedule).
 # SOKD and vanilla keep the dataclass defaults (the authors' SOKD recipe).
+# FitNet and AT: KD's trainer with CE plus the feature term only, at RepDistiller's
+# weights (hint 100, attention 1000), the teacher in inference mode.
 METHOD_RECIPES: dict[str, dict[str, Any]] = {
     "kd": {"train.teacher_bn_mode": "frozen"},
+    "fitnet": {
+        "train.teacher_bn_mode": "frozen", "loss.kd_ce_weight": 1.0, "loss.kd_weight": 0.0,
+        "loss.hint_weight": 100.0,
+    },
+    "at": {
+        "train.teacher_bn_mode": "frozen", "loss.kd_ce_weight": 1.0, "loss.kd_weight": 0.0,
+        "loss.attention_weight": 1000.0,
+    },
     "dml": {"train.nesterov": True, "train.weight_decay": 1e-4},
 }
 

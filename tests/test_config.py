@@ -46,7 +46,7 @@ def test_json_round_trip():
     [
         ({"loss.temperature": -1.0}, "loss.temperature"),
         ({"loss.temperature": 0.0}, "loss.temperature"),
-        ({"train.method": "fitnet"}, "train.method"),
+        ({"train.method": "crd"}, "train.method"),
         ({"train.lr_decay_epochs": (150, 100)}, "train.lr_decay_epochs"),
         ({"data.batch_size": 0}, "data.batch_size"),
         ({"loss.peer_kd_weight": -0.5}, "loss.peer_kd_weight"),
@@ -122,3 +122,16 @@ def test_bad_config_file_names_the_problem(tmp_path, text, message):
         config_lib.read_config_file(str(path))
     with pytest.raises(ConfigError, match="cannot be read"):
         config_lib.read_config_file(str(tmp_path / "missing.json"))
+
+
+def test_fitnet_and_at_are_kd_with_one_feature_term():
+    from sokd_tf import distillers
+
+    fitnet = config_lib.resolve("quickstart", {"train.method": "fitnet"})
+    assert fitnet.loss.kd_weights() == {"student/ce": 1.0, "student/kd_from_teacher": 0.0}
+    assert fitnet.loss.kd_feature_weights()["student/hint_from_teacher"] == 100.0
+    at = config_lib.resolve("quickstart", {"train.method": "at", "loss.attention_weight": 500.0})
+    assert at.loss.kd_feature_weights() == {"student/hint_from_teacher": 0.0, "student/at_from_teacher": 500.0}
+    assert at.train.teacher_bn_mode == "frozen"
+    assert set(distillers.METHODS) == set(config_lib.METHODS)
+    assert distillers.METHODS["fitnet"].needs_teacher and not distillers.METHODS["dml"].needs_teacher

@@ -21,6 +21,8 @@ from sokd_tf.distillers.vanilla import VanillaTrainer
 METHODS = {
     "vanilla": VanillaTrainer,
     "kd": KnowledgeDistiller,
+    "fitnet": KnowledgeDistiller,  # KD's trainer with CE + hint (config.METHOD_RECIPES)
+    "at": KnowledgeDistiller,  # KD's trainer with CE + attention transfer
     "dml": MutualLearner,
     "sokd": SemiOnlineDistiller,
 }

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import keras
 
 from sokd_tf import losses
-from sokd_tf.config import LossConfig, TrainConfig
+from sokd_tf.config import METHOD_RECIPES, LossConfig
 from sokd_tf.distillers import base, features
 
 
@@ -52,7 +52,7 @@ class KnowledgeDistiller(base.Distiller):
     def __init__(self, teacher: keras.Model, student: keras.Model,
                  temperature: float = LossConfig.temperature,
                  weights: Mapping[str, float] | None = None,
-                 teacher_bn_mode: str = TrainConfig.teacher_bn_mode,
+                 teacher_bn_mode: str = METHOD_RECIPES["kd"]["train.teacher_bn_mode"],
                  feature_weights: Mapping[str, float] | None = None,
                  feature_layers: Mapping[str, Sequence[str]] | None = None,
                  feature_pairs: int | None = LossConfig.feature_pairs, **kwargs):

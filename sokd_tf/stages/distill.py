@@ -63,19 +63,20 @@ def _evaluate_here(model: keras.Model, data, strategy) -> dict:
 
 def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
     """The method's trainer and the models to save per role (role -> {file stem: model})."""
-    method = config.train.method
+    trainer_class = distillers.METHODS[config.train.method]
     student = build_model(config.model.student, info, synchronized_bn=synchronized_bn,
                           model_name="student")
     loss = config.loss
-    if method == "vanilla":
+    if trainer_class is distillers.VanillaTrainer:
         return distillers.VanillaTrainer(student, role="student"), {"student": {"student": student}}
-    if method == "kd":
+    if trainer_class is distillers.KnowledgeDistiller:  # kd, fitnet, at
         trainer = distillers.KnowledgeDistiller(
             teacher, student, temperature=loss.temperature, weights=loss.kd_weights(),
             teacher_bn_mode=config.train.teacher_bn_mode,
+            feature_weights=loss.kd_feature_weights(), feature_pairs=loss.feature_pairs,
         )
         return trainer, {"student": {"student": student}}
-    if method == "dml":
+    if trainer_class is distillers.MutualLearner:
         peer = build_model(config.model.teacher, info, synchronized_bn=synchronized_bn,
                            model_name="peer")
         trainer = distillers.MutualLearner(
@@ -87,6 +88,7 @@ def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
     trainer = distillers.SemiOnlineDistiller(
         teacher, peer, student, temperature=loss.temperature, weights=loss.sokd_weights(),
         teacher_bn_mode=config.train.teacher_bn_mode,
+        feature_weights=loss.sokd_feature_weights(), feature_pairs=loss.feature_pairs,
     )
     reconstructed = peer_lib.build_reconstructed_teacher(teacher, peer)
     return trainer, {
@@ -139,6 +141,10 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
         teacher_after = _evaluate_here(teacher, test_data, strategy)
     results = fit.stage_results(rows, best, list(best_models), config.data.validation_size)
     results["method"] = config.train.method
+    # Every term the step optimises, with its weight (report.md lists them).
+    results["loss_terms"] = {
+        name: weight for name, weight in trainer.loss_weights_by_term.items() if weight
+    }
     results["teacher_bn_mode"] = config.train.teacher_bn_mode if teacher is not None else None
     results["params"] = {
         stem: model.count_params() for role_models in best_models.values()
