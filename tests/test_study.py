@@ -18,7 +18,7 @@ def test_fashion_mnist_study_is_the_documented_budget():
     # x0.1 at epochs 3 and 4 (1-based) = 0-based decay epochs 2 and 3.
     assert config.train.lr_decay_epochs == config.train.teacher_lr_decay_epochs == (2, 3)
     assert (config.data.pad, config.data.batch_size, config.loss.temperature) == (2, 128, 4.0)
-    assert [v.name for v in study.variants] == ["vanilla", "kd", "dml", "sokd"]
+    assert [v.name for v in study.variants] == ["vanilla", "kd", "dml", "sokd", "sokd_at"]
     # Each baseline gets its standard recipe.
     assert runner.run_config(study, study.variant("kd"), 0).train.teacher_bn_mode == "frozen"
     assert runner.run_config(study, study.variant("dml"), 0).train.nesterov is True

@@ -110,7 +110,11 @@ STUDIES: dict[str, Study] = {
             ("train.teacher_lr_decay_epochs", (2, 3)),
             ("loss.temperature", 4.0),
         ),
-        variants=_BASELINES,
+        variants=_BASELINES + (
+            # The paper's feature-based extension: SOKD plus attention transfer from the
+            # peer's stages to the student's (RepDistiller's AT weight).
+            Variant("sokd_at", "sokd", (("loss.attention_weight", 1000.0),)),
+        ),
     ),
     # One seed of SOKD ablations on the quickstart pair and budget.
     "fashion_mnist_ablations": Study(
