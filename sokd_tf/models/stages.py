@@ -67,19 +67,19 @@ def graph_model(model: keras.Model, what: str = "the model") -> keras.Model:
     """
     if isinstance(model, keras.Sequential):
         if not getattr(model, "built", False) or not model.inputs:
-            raise ConfigError(f"{what} {model.name!r} is an unbuilt Sequential model; "
+            raise ConfigError(f"{_label(what, model)} is an unbuilt Sequential model; "
                               "give it an Input so its graph exists")
         model = keras.Model(model.inputs, model.outputs, name=model.name)
     if getattr(model, "_nodes_by_depth", None) is None:
         raise ConfigError(
-            f"{what} {model.name!r} is a subclassed keras.Model ({type(model).__name__}) "
+            f"{_label(what, model)} is a subclassed keras.Model ({type(model).__name__}) "
             "without a layer graph; the SOKD peer is cut from the teacher's graph, so it needs "
             "a functional or Sequential model (KD, DML and vanilla training accept "
             "subclassed models)"
         )
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ConfigError(
-            f"{what} {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
+            f"{_label(what, model)} has {len(model.inputs)} inputs and {len(model.outputs)} "
             "outputs; expected one image input and one logits output"
         )
     return model
@@ -118,7 +118,7 @@ class ModelGraph:
             for tensor in node.input_tensors:
                 if id(tensor) not in self._producer:
                     raise ConfigError(
-                        f"{what} {self.model.name!r}: layer {node.operation.name!r} reads a "
+                        f"{_label(what, self.model)}: layer {node.operation.name!r} reads a "
                         "tensor that is not computed from the model input"
                     )
                 self._consumers[id(tensor)].append(position)
@@ -186,12 +186,12 @@ class ModelGraph:
         matches = [node for node in self.nodes if node.operation.name == name]
         if not matches:
             raise ConfigError(
-                f"{self.what} {self.model.name!r} has no layer {name!r} in its top-level graph; "
+                f"{_label(self.what, self.model)} has no layer {name!r} in its top-level graph; "
                 f"valid cut points: {self.suggestions()}"
             )
         if len(matches) > 1 or len(matches[0].outputs) != 1:
             raise ConfigError(
-                f"layer {name!r} of {self.what} {self.model.name!r} is called more than once or "
+                f"layer {name!r} of {_label(self.what, self.model)} is called more than once or "
                 f"has several outputs, so it names no single tensor; valid cut points: "
                 f"{self.suggestions()}"
             )
@@ -266,6 +266,11 @@ class ModelGraph:
         return names
 
 
+def _label(what: str, model: keras.Model) -> str:
+    """How messages name a model: `what` plus the model's name unless `what` has it."""
+    return what if repr(model.name) in what else f"{what} {model.name!r}"
+
+
 def _has_weights(operation) -> bool:
     return bool(getattr(operation, "weights", None))
 
@@ -312,7 +317,7 @@ def penultimate_stage_output(model: keras.Model, what: str = "the model") -> str
     outputs = graph.stage_outputs()
     if len(outputs) < 2:
         raise ConfigError(
-            f"{what} {graph.model.name!r} has {len(outputs)} spatial stage(s) (stage outputs: "
+            f"{_label(what, graph.model)} has {len(outputs)} spatial stage(s) (stage outputs: "
             f"{[p.name for p in outputs]}), too few to branch a peer from the penultimate one; "
             f"name the cut layer (from_layer / --peer_from) among the valid cut points "
             f"{[p.name for p in graph.cut_points]}"
@@ -340,11 +345,11 @@ def cut_tensor(model: keras.Model, name: str | None = None, what: str = "the mod
     if crossings:
         described = ", ".join(f"{reader!r} reads {source!r}" for source, reader in crossings[:6])
         raise ConfigError(
-            f"cannot cut {what} {graph.model.name!r} at {name!r}: its output does not separate "
+            f"cannot cut {_label(what, graph.model)} at {name!r}: its output does not separate "
             f"the graph; connections bypass it ({described}); valid cut points near it: "
             f"{graph.suggestions(graph.position_of(tensor))}"
         )
     if tensor is graph.output:
-        raise ConfigError(f"cannot cut {what} {graph.model.name!r} at its output {name!r}; "
+        raise ConfigError(f"cannot cut {_label(what, graph.model)} at its output {name!r}; "
                           f"valid cut points: {graph.suggestions()}")
     return graph.model, name, tensor
