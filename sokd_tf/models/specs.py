@@ -22,7 +22,7 @@ data's shape, logits `[batch, num_classes]` (a softmax/sigmoid output is refused
 where the caller needs the graph (SOKD's teacher, whose peer is cut from it), a
 functional or Sequential model rather than a subclassed one.
 
-Reference: docs/DESIGN.md (model specs); keras.io "Keras Applications" and "Saving &
+Reference: docs/DESIGN.md, "Models"; keras.io "Keras Applications" and "Saving &
 serialization" (safe_mode).
 """
 
@@ -126,7 +126,8 @@ def build_model(
       synchronized_bn: use synchronized BatchNormalization across replicas (zoo models
         are built so; keras.applications models and loaded files are rebuilt with every
         BatchNormalization layer synchronized, weights kept).
-      name: model name; None = the builder's / file's own name.
+      name: model name; None = the builder's / file's own name (a subclassed model from
+        a file keeps its own).
       require_graph: the caller needs the layer graph (the teacher of SOKD, whose peer
         is cut from it): a subclassed model is refused.
       trust_custom_code: `.keras` only: load with `safe_mode=False`, so `Lambda` layers
@@ -160,7 +161,8 @@ def build_model(
     else:
         model = load_keras_file(spec, what=what, trust_custom_code=trust_custom_code,
                                 custom_modules=custom_modules)
-        if name is not None and name != model.name:
+        if name is not None and name != model.name and is_graph_model(model):
+            # A functional view under the new name, sharing the loaded layers.
             model = keras.Model(*_graph_ends(model, what), name=name)
     check_model(model, input_shape, num_classes, what=what, require_graph=require_graph)
     if synchronized_bn and kind != "zoo":
@@ -201,8 +203,15 @@ def _build_application(app: str, input_shape, num_classes: int, *, name: str | N
                           f"{num_classes} classes: {message}") from err
 
 
-def _custom_objects(custom_modules: Iterable[str]) -> dict[str, type]:
-    """Imports each named module; returns its Keras classes by class name."""
+def custom_objects_from_modules(custom_modules: Iterable[str]) -> dict[str, type]:
+    """Imports each named module; returns its Keras classes by class name.
+
+    Pass the result as `custom_objects=` to any later `keras.saving.load_model` of files
+    holding those layers (checkpoints of a run whose models use them).
+
+    Raises:
+      ConfigError: a module that cannot be imported.
+    """
     if isinstance(custom_modules, str):
         custom_modules = [custom_modules]
     found = {}
@@ -301,7 +310,7 @@ def load_keras_file(
             "trust this file, opt in with trust_custom_code=True (--trust_custom_code); "
             "better, replace those layers by registered custom layers"
         )
-    custom_objects = _custom_objects(custom_modules)
+    custom_objects = custom_objects_from_modules(custom_modules)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=not trust_custom_code,
                                         custom_objects=custom_objects)
