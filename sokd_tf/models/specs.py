@@ -121,8 +121,9 @@ def build_model(
       input_shape: `(H, W, C)` of the images the model will be fed (the dataset info's
         `image_shape`, after `data.image_size` / `data.channels`).
       num_classes: classes of the dataset.
-      role: "teacher" or "student"; names the flag in error messages (`--teacher`,
-        `--student`). DML's peer is built from the teacher's spec: pass "teacher".
+      role: "teacher" or "student"; messages name the model by role and spec
+        ("teacher 'runs/t.keras' takes images ..."). DML's peer is built from the
+        teacher's spec: pass "teacher".
       synchronized_bn: use synchronized BatchNormalization across replicas (zoo models
         are built so; keras.applications models and loaded files are rebuilt with every
         BatchNormalization layer synchronized, weights kept).
@@ -145,7 +146,7 @@ def build_model(
       ConfigError: unknown spec, missing or unloadable file, a file with code (and no
         opt-in), input shape or class count that does not match the data (naming the
         `--image_size` / `--channels` flags that fix it), a probability output, a
-        subclassed model where `require_graph`.
+        subclassed model where `require_graph` or `synchronized_bn` needs its graph.
     """
     if role not in ROLES:
         raise ConfigError(f"role must be one of {list(ROLES)}, got {role!r}")
