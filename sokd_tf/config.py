@@ -31,6 +31,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 BASELINE_RECIPES = ("standard", "sokd")
 NORMALIZATIONS = ("dataset", "cifar10", "none")
+IMAGE_CHANNELS = (1, 3)
 TFLITE_VARIANTS = (
     "fp32", "fp16", "dynamic_int8", "int8", "int8_float_io", "qat_int8",
 )
@@ -94,6 +95,13 @@ class DataConfig:
       drop_remainder: drop the last partial training batch (TPU / multi-worker).
       cache: cache decoded images in memory.
       deterministic: deterministic tf.data ordering.
+      image_size: resize every image (bilinear, after the augmentation) to
+        image_size x image_size before it reaches a model, e.g. 32 for keras.applications
+        models that need at least 32x32; None = the images' own size. Exported models
+        still take the raw images (the resize is inside their graph).
+      channels: 3 turns grayscale images into 3 channels by repeating them (for models
+        built for RGB); None = the images' own channel count. Only 1 -> 3 is supported;
+        a value equal to the data's channel count changes nothing.
     """
 
     source: str = "tfds"
@@ -108,9 +116,18 @@ class DataConfig:
     drop_remainder: bool = False
     cache: bool = True
     deterministic: bool = True
+    image_size: int | None = None
+    channels: int | None = None
 
     def __post_init__(self):
         _check_choice("data.source", self.source, DATA_SOURCES)
+        if self.image_size is not None:
+            _check_range("data.image_size", self.image_size, low=1)
+        if self.channels is not None and self.channels not in IMAGE_CHANNELS:
+            raise ConfigError(
+                f"data.channels must be one of {list(IMAGE_CHANNELS)} or unset, got "
+                f"{self.channels!r} (only grayscale -> 3 channels is converted)"
+            )
         _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
         _check_range("data.pad", self.pad, low=0)
         _check_range("data.batch_size", self.batch_size, low=1)

@@ -1,6 +1,7 @@
 """LiteRT (.tflite) conversion of a student and its verification with the interpreter.
 
-Every variant takes raw pixels, so no client ever normalises:
+Every variant takes the dataset's raw pixels (`info.raw_image_shape`; a training-time
+resize or channel repeat is inside the graph), so no client ever preprocesses:
   - `fp32`, `fp16` (float16 weights), `dynamic_int8` (int8 weights, float kernels),
     `int8_float_io` (full-integer kernels, float32 I/O): float32 `[batch, H, W, C]`
     pixels in [0, 255] -> float32 logits.
@@ -43,7 +44,7 @@ def raw_pixel_saved_model(model: Callable, info: DatasetInfo, path: str) -> str:
     `logits`. Converting from a SavedModel (rather than a concrete function) embeds the
     weights as constants for Keras 3 and tf_keras models alike.
     """
-    spec = tf.TensorSpec((None, *info.image_shape), tf.float32, name=INPUT_NAME)
+    spec = tf.TensorSpec((None, *info.raw_image_shape), tf.float32, name=INPUT_NAME)
 
     def predict(pixels):
         logits = model(normalize_pixels(pixels, info), training=False)
