@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sokd_tf.errors import ConfigError
+from sokd_tf.models import specs
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -54,10 +55,19 @@ class ModelConfig:
     """Architectures of the three roles.
 
     Attributes:
-      teacher: key of `sokd_tf.models.BUILDERS` for the teacher (and DML's peer).
-      student: key of `sokd_tf.models.BUILDERS` for the student.
+      teacher: model spec of the teacher (and of DML's peer): a zoo name (a key of
+        `sokd_tf.models.BUILDERS`, e.g. "wrn_40_2"), "keras.applications.NAME" (built with
+        weights=None), or a path to a trained `.keras` file (then it IS the teacher to
+        distill from, no teacher is trained; DML's peer starts from a fresh copy of it).
+      student: model spec of the student (a `.keras` file is the starting point).
       peer_init: "fresh" (official: new random initialisation) or "copy" (start the peer
         from the teacher's trained last stage + head).
+      peer_from: layer of the teacher whose output feeds SOKD's peer; None = the output of
+        the teacher's penultimate stage, found from its graph (`group2` for our WRNs).
+      trust_custom_code: load `.keras` files with Keras' safe mode off (runs code stored
+        in them, e.g. Lambda layers). Off by default; only for files you trust.
+      custom_modules: Python modules defining the custom layers of `.keras` files; each
+        is imported explicitly before loading.
       synchronized_bn: use synchronized BatchNormalization across replicas; None = on
         exactly when the strategy has more than one replica.
       teacher_checkpoint: a trained teacher `.keras` file to distill from; None = train
@@ -69,9 +79,17 @@ class ModelConfig:
     peer_init: str = "fresh"
     synchronized_bn: bool | None = None
     teacher_checkpoint: str | None = None
+    peer_from: str | None = None
+    trust_custom_code: bool = False
+    custom_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_choice("model.peer_init", self.peer_init, PEER_INITS)
+        for role in ("teacher", "student"):
+            try:
+                specs.spec_kind(getattr(self, role))
+            except ConfigError as error:
+                raise ConfigError(f"model.{role}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,3 +221,21 @@ def test_resnet50_v2_stages_and_peer():
     assert tuple(peer.inputs[0].shape[1:]) == (2, 2, 1024)
     features, logits = peer_lib.build_teacher_trunk(model)(images((32, 32, 3)))
     np.testing.assert_allclose(peer(features), logits, atol=1e-5)
+
+
+def test_named_stages_win_over_discovery_for_the_default_cut():
+    """A model naming its stages group1..N is cut at group{N-1}, whatever discovery finds."""
+    import keras
+
+    from sokd_tf.models import stages
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="group1")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", name="group2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    named = keras.Model(inputs, keras.layers.Dense(3)(x))
+    assert stages.penultimate_stage_output(named) == "group1"
+    renamed = keras.Model(inputs, named.output)  # same graph, names kept: still group1
+    assert stages.penultimate_stage_output(renamed) == "group1"

@@ -32,6 +32,7 @@ arXiv 2111.11747, Sec. 3.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import keras
 
@@ -306,14 +307,27 @@ def stage_outputs(model: keras.Model) -> list[str]:
     return [point.name for point in ModelGraph(model).stage_outputs()]
 
 
+_NAMED_GROUP = re.compile(r"^group(\d+)$")
+
+
 def penultimate_stage_output(model: keras.Model, what: str = "the model") -> str:
     """The default peer cut: the output of the second-to-last stage (`group2` for WRN).
+
+    A model that names its stages as sokd_tf's own builders do (top-level layers
+    `group1` .. `groupN`, N >= 2) is cut at its named `group{N-1}`: the name states the
+    author's stage boundaries. Any other graph is cut where discovery puts it.
 
     Raises:
       ConfigError: a subclassed model, or fewer than two stages (the message lists the
         valid cut points to choose from explicitly).
     """
     graph = ModelGraph(model, what)
+    named = sorted(
+        (int(match.group(1)), layer.name) for layer in graph.model.layers
+        if (match := _NAMED_GROUP.match(layer.name))
+    )
+    if len(named) >= 2 and [index for index, _ in named] == list(range(1, len(named) + 1)):
+        return named[-2][1]
     outputs = graph.stage_outputs()
     if len(outputs) < 2:
         raise ConfigError(

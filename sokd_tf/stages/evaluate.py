@@ -7,9 +7,10 @@ import os
 import keras
 import numpy as np
 
-from sokd_tf.config import RunConfig
+from sokd_tf.config import ModelConfig, RunConfig
 from sokd_tf.data import ImageDataset
-from sokd_tf.errors import UserError
+from sokd_tf.models import specs
+from sokd_tf.stages import teacher
 from sokd_tf.stages import workdir as workdir_lib
 
 
@@ -38,14 +39,20 @@ def evaluate_model(model: keras.Model, data) -> dict[str, float]:
     return results
 
 
-def load_model(path: str) -> keras.Model:
-    """Loads a `.keras` model (safe mode on); a missing or bad file raises UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"model file {path!r} does not exist")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a bad file.
-        raise UserError(f"cannot load model {path!r}: {error}") from None
+def load_model(path: str, model_config: ModelConfig | None = None) -> keras.Model:
+    """Loads a `.keras` model in Keras' safe mode (see `models.specs.load_keras_file`).
+
+    `model_config`'s `trust_custom_code` / `custom_modules` apply (the run's own opt-ins
+    for the user's files carry over to the checkpoints made from them).
+
+    Raises:
+      ConfigError: missing or bad file, or code / custom classes without the opt-in.
+    """
+    model_config = model_config or ModelConfig()
+    return specs.load_keras_file(
+        path, trust_custom_code=model_config.trust_custom_code,
+        custom_modules=model_config.custom_modules,
+    )
 
 
 # Every model a run may save, in report order: (name in evaluation.json, file stem, which).
@@ -70,7 +77,7 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
     """
     paths = workdir_lib.Workdir(workdir)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
-    candidates = {"teacher": config.model.teacher_checkpoint or paths.teacher_checkpoint}
+    candidates = {"teacher": teacher.teacher_path(config, workdir) or paths.teacher_checkpoint}
     for name, stem, which in SAVED_MODELS:
         stage = paths.teacher if stem == "teacher" else paths.distill
         candidates[name] = stage.model(stem, which)
@@ -78,7 +85,7 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
     for name, path in candidates.items():
         if not os.path.exists(path):
             continue
-        model = load_model(path)
+        model = load_model(path, config.model)
         if tuple(model.input_shape[1:]) != tuple(dataset.info.image_shape):
             continue  # SOKD's peer takes teacher features; reconstructed_teacher is its image model.
         results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}

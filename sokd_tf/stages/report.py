@@ -90,6 +90,14 @@ def write_report(workdir: str) -> str:
         if terms:
             listed = ", ".join(f"`{name}` × {weight:g}" for name, weight in terms.items())
             lines += [f"Loss terms (weight): {listed}.", ""]
+        if distill.get("peer"):
+            peer = distill["peer"]
+            lines += [
+                f"SOKD's peer is cut at `{peer['cut_layer']}` "
+                f"({'x'.join(map(str, peer['cut_shape']))}): {peer['peer_params']:,} parameters, "
+                f"{100 * peer['peer_share']:.1f} % of the teacher's {peer['teacher_params']:,}.",
+                "",
+            ]
         if distill.get("teacher_bn_mode"):
             lines += [f"Teacher BatchNorm mode: **{distill['teacher_bn_mode']}**.", ""]
     selection = (distill or teacher or {}).get("best_epoch_selected_on", "validation")
