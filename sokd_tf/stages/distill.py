@@ -61,11 +61,16 @@ def _evaluate_here(model: keras.Model, data, strategy) -> dict:
     return evaluate_model(model, data)
 
 
-def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
-    """The method's trainer and the models to save per role (role -> {file stem: model})."""
+def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool,
+                    batch_norm: str = "fused"):
+    """The method's trainer and the models to save per role (role -> {file stem: model}).
+
+    `batch_norm` is the resolved `model.batch_norm` of the fresh models (SOKD's peer is a
+    copy of the teacher's layers, so it follows the teacher's).
+    """
     method = config.train.method
     student = build_model(config.model.student, info, synchronized_bn=synchronized_bn,
-                          model_name="student")
+                          model_name="student", batch_norm=batch_norm)
     loss = config.loss
     if method == "vanilla":
         return distillers.VanillaTrainer(student, role="student"), {"student": {"student": student}}
@@ -77,7 +82,7 @@ def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
         return trainer, {"student": {"student": student}}
     if method == "dml":
         peer = build_model(config.model.teacher, info, synchronized_bn=synchronized_bn,
-                           model_name="peer")
+                           model_name="peer", batch_norm=batch_norm)
         trainer = distillers.MutualLearner(
             peer, student, temperature=loss.dml_temperature,
             temperature_squared=loss.dml_temperature_squared,
@@ -111,13 +116,16 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     check_teacher(config, workdir)
     info = dataset.info
     source = teacher_path(config, workdir)
-    strategy = fit.setup_runtime(config, strategy)
+    strategy, choices = fit.setup_runtime(config, strategy)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
     with strategy.scope():
-        teacher = load_teacher(source, info) if source is not None else None
+        teacher = None
+        if source is not None:
+            teacher = load_teacher(source, info, batch_norm=choices.batch_norm)
         trainer, best_models = build_distiller(
             config, info, teacher,
             strategy_lib.use_synchronized_bn(config.model.synchronized_bn, strategy),
+            choices.batch_norm,
         )
         trainer.compile(
             optimizer=distillers.make_optimizer(config.train, fit.steps_per_epoch(config, dataset)),
@@ -140,6 +148,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     results = fit.stage_results(rows, best, list(best_models), config.data.validation_size)
     results["method"] = config.train.method
     results["teacher_bn_mode"] = config.train.teacher_bn_mode if teacher is not None else None
+    results.update(choices.record())
     results["params"] = {
         stem: model.count_params() for role_models in best_models.values()
         for stem, model in role_models.items()

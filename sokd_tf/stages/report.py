@@ -85,6 +85,16 @@ def write_report(workdir: str) -> str:
         f"`{config.get('model', {}).get('student')}`, data `{data.get('name')}` ({data.get('source')}).",
         "",
     ]
+    runtime = distill or teacher or {}
+    if "precision_used" in runtime:
+        requested = config.get("train", {}).get("precision")
+        machine = runtime.get("machine", {})
+        lines += [
+            f"Precision **{runtime['precision_used']}** (requested `{requested}`), BatchNorm "
+            f"`{runtime.get('batch_norm_used')}`, CPU {machine.get('model_name', '?')} "
+            f"(class `{machine.get('cpu_class', '?')}`).",
+            "",
+        ]
     selection = (distill or teacher or {}).get("best_epoch_selected_on", "validation")
     lines += [
         "## Results (test split)",

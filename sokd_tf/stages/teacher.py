@@ -18,7 +18,7 @@ from sokd_tf import distillers, models
 from sokd_tf.config import RunConfig
 from sokd_tf.data import ImageDataset
 from sokd_tf.errors import UserError
-from sokd_tf.models import precision
+from sokd_tf.models import fused_batch_norm, precision
 from sokd_tf.runtime import cluster
 from sokd_tf.runtime import strategy as strategy_lib
 from sokd_tf.stages import fit
@@ -26,8 +26,11 @@ from sokd_tf.stages import workdir as workdir_lib
 from sokd_tf.stages.evaluate import load_model
 
 
-def load_teacher(path: str, info) -> keras.Model:
+def load_teacher(path: str, info, *, batch_norm: str | None = None) -> keras.Model:
     """Loads a teacher `.keras` file in the global dtype policy; checks it fits the data.
+
+    `batch_norm` ("fused" or "stock"; None = as saved) switches its BatchNormalization
+    layers to the run's implementation (same weights and maths).
 
     Raises:
       UserError: missing/unreadable file, or class count / input shape differ from the data.
@@ -41,6 +44,8 @@ def load_teacher(path: str, info) -> keras.Model:
     # (a float32 teacher in a mixed_bfloat16 distillation runs, and seeds its peer, in
     # bfloat16).
     teacher = precision.with_dtype_policy(load_model(path))
+    if batch_norm is not None:
+        teacher = fused_batch_norm.with_batch_norm(teacher, batch_norm)
     input_shape = tuple(teacher.input_shape[1:])
     num_classes = teacher.output_shape[-1]
     if input_shape != tuple(info.image_shape) or num_classes != info.num_classes:
@@ -51,10 +56,12 @@ def load_teacher(path: str, info) -> keras.Model:
     return teacher
 
 
-def build_model(spec: str, info, *, synchronized_bn: bool, model_name: str) -> keras.Model:
+def build_model(spec: str, info, *, synchronized_bn: bool, model_name: str,
+                batch_norm: str = "fused") -> keras.Model:
     """A fresh model of architecture `spec` for the data described by `info`."""
     return models.build(
-        spec, info.image_shape, info.num_classes, synchronized_bn=synchronized_bn, model_name=model_name
+        spec, info.image_shape, info.num_classes, synchronized_bn=synchronized_bn,
+        batch_norm=batch_norm, model_name=model_name,
     )
 
 
@@ -69,12 +76,13 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     paths = workdir_lib.Workdir(workdir)
     if os.path.exists(paths.teacher.results):
         return workdir_lib.read_json(paths.teacher.results)
-    strategy = fit.setup_runtime(config, strategy)
+    strategy, choices = fit.setup_runtime(config, strategy)
     info = dataset.info
     with strategy.scope():
         teacher = build_model(
             config.model.teacher, info, model_name="teacher",
             synchronized_bn=strategy_lib.use_synchronized_bn(config.model.synchronized_bn, strategy),
+            batch_norm=choices.batch_norm,
         )
         trainer = distillers.VanillaTrainer(teacher, role="teacher")
         steps = fit.steps_per_epoch(config, dataset)
@@ -101,6 +109,7 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     results = fit.stage_results(rows, best, ["teacher"], config.data.validation_size)
     results["checkpoint"] = paths.teacher_checkpoint
     results["params"] = {"teacher": teacher.count_params()}
+    results.update(choices.record())
     if cluster.is_chief(strategy):
         workdir_lib.save_model(teacher, paths.teacher_checkpoint)
         workdir_lib.write_json(paths.teacher.results, results)
