@@ -104,9 +104,11 @@ class MachineFeatures:
             "VNNI": self.avx512_vnni,
         }
 
-    def describe(self) -> str:
-        """One line: model name, ISA flags and GPUs."""
+    def describe(self, *, with_gpu: bool = True) -> str:
+        """One line: model name, ISA flags and (unless `with_gpu=False`) GPUs."""
         flags = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in self.isa_flags().items())
+        if not with_gpu:
+            return f"{self.model_name}; {flags}"
         gpu = "none" if not self.gpu else ("bf16-native" if self.gpu_bf16 else "no native bf16")
         return f"{self.model_name}; {flags}; GPU {gpu}"
 
