@@ -26,6 +26,10 @@ labelled so in every output. Caches, memory bandwidth and TensorFlow's Eigen ker
 stay the host's. The "auto" choices (`--precisions=auto`, `--batch_norm=library`) are then
 resolved for the emulated CPU class.
 
+`--onednn_kernels` times nothing: it lists, per configuration, the oneDNN kernels
+(primitive, implementation and ISA, data type, calls per step) one training step runs,
+from `ONEDNN_VERBOSE=1`; ops TensorFlow runs in Eigen do not appear there.
+
 Usage (from the repository root):
   python benchmarks/step_throughput.py --batch=64 [--batch=128] \
       [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16,auto] \
@@ -209,6 +213,18 @@ def run_worker(args) -> dict:
     batch_norm = cpu.resolve_batch_norm(
         "auto" if args.batch_norm == "library" else args.batch_norm, machine
     )
+    record = {
+        "method": args.method, "precision": args.precision, "jit": args.jit,
+        "batch": args.batch, "batch_norm": args.batch_norm, "batch_norm_used": batch_norm,
+        "precision_used": precision, "cpu_class": machine.cpu_class,
+        "onednn_max_cpu_isa": args.onednn_max_cpu_isa or None,
+    }
+    if args.onednn_max_cpu_isa and precision == "mixed_bfloat16" and not machine.avx512_bf16:
+        # TensorFlow sends bfloat16 ops to oneDNN by the host CPU's own flags, and a
+        # capped oneDNN cannot create bfloat16 primitives: the step aborts ("could not
+        # create a primitive descriptor"). A real AVX2 CPU runs them in Eigen instead.
+        return dict(record, skipped="bfloat16 cannot run under a oneDNN cap without "
+                    "AVX512-BF16 (TensorFlow routes it to oneDNN by the host's flags)")
     strategy_lib.set_precision(precision)
     keras.utils.set_random_seed(0)
     rss_runtime = _peak_rss_mib()
@@ -253,10 +269,7 @@ def run_worker(args) -> dict:
         if quiet and cpu / wall >= args.min_cpu_use * min(threads, os.cpu_count()):
             rates.append(args.batch * args.steps / wall)
     return {
-        "method": args.method,
-        "precision": args.precision,
-        "jit": args.jit,
-        "batch": args.batch,
+        **record,
         "images_per_s_median": round(statistics.median(rates), 1) if rates else None,
         "images_per_s_min": round(min(rates), 1) if rates else None,
         "images_per_s_max": round(max(rates), 1) if rates else None,
@@ -271,11 +284,6 @@ def run_worker(args) -> dict:
         "rss_after_import_mib": round(rss_runtime),
         "peak_rss_mib": round(_peak_rss_mib()),
         "threads": {"intra": args.intra_threads, "inter": args.inter_threads},
-        "batch_norm": args.batch_norm,
-        "batch_norm_used": batch_norm,
-        "precision_used": precision,
-        "cpu_class": machine.cpu_class,
-        "onednn_max_cpu_isa": args.onednn_max_cpu_isa or None,
     }
 
 
@@ -436,14 +444,18 @@ def _table(records, peak, torch_by_batch) -> str:
     ]
     for r in records:
         torch_rate = (torch_by_batch.get(r["batch"]) or {}).get(r["method"])
-        rate = r["images_per_s_median"]
-        achieved = rate * r["gflop_per_image"] if rate else None
         precision = r["precision"]
         if r.get("precision_used", precision) != precision:
             precision = f"{precision} ({r['precision_used']})"
         batch_norm = r["batch_norm"]
         if r.get("batch_norm_used", batch_norm) != batch_norm:
             batch_norm = f"{batch_norm} ({r['batch_norm_used']})"
+        if "skipped" in r:
+            lines.append(f"| {r['batch']} | {r['method']} | {precision} | {r['jit']} | "
+                         f"{batch_norm} | skipped: {r['skipped']} |" + " |" * 7)
+            continue
+        rate = r["images_per_s_median"]
+        achieved = rate * r["gflop_per_image"] if rate else None
         lines.append(
             f"| {r['batch']} | {r['method']} | {precision} | {r['jit']} | "
             f"{batch_norm} | "
@@ -464,9 +476,9 @@ def _ratios(records, flop_ratio) -> str:
     }
     for (batch, method, precision, jit, batch_norm), sokd in sorted(keyed.items()):
         kd = keyed.get((batch, "kd", precision, jit, batch_norm))
-        if method != "sokd" or not kd or not kd["images_per_s_median"]:
+        if method != "sokd" or not kd or not kd.get("images_per_s_median"):
             continue
-        if not sokd["images_per_s_median"]:
+        if not sokd.get("images_per_s_median"):
             continue
         time_ratio = kd["images_per_s_median"] / sokd["images_per_s_median"]
         verdict = "within" if time_ratio <= flop_ratio else "ABOVE"
@@ -486,6 +498,70 @@ def _cpu_line(machine: dict, onednn_isa: str | None) -> str:
     return (f"CPU: {machine['model_name']}; {described} (as the library's auto choices see "
             f"them); class {machine['cpu_class']}; {gpu}; oneDNN ISA in TensorFlow: "
             f"{onednn_isa or 'not reported'}")
+
+
+def kernel_census(verbose_output: str, steps: int) -> list[tuple[str, str, str, str, float]]:
+    """oneDNN primitives a process executed, from its `ONEDNN_VERBOSE=1` output.
+
+    Returns rows (primitive, implementation, propagation, source data type, calls per
+    step), most frequent first; the implementation names the kernel family and ISA
+    (`brg_conv_fwd:avx2` = JIT brgemm AVX2, `ref:any` = reference C++). Ops TensorFlow
+    runs in Eigen do not appear. The per-call times oneDNN prints are ignored.
+    """
+    counts: dict[tuple[str, str, str, str], int] = {}
+    for line in verbose_output.splitlines():
+        fields = line.split(",")
+        if not line.startswith("onednn_verbose") or "exec" not in fields:
+            continue
+        at = fields.index("exec")
+        primitive, implementation, propagation = fields[at + 2 : at + 5]
+        descriptor = fields[at + 5] if len(fields) > at + 5 else ""
+        source = descriptor.split(" ")[0].split(":")
+        dtype = source[1] if len(source) > 1 else ""
+        key = (primitive, implementation, propagation, dtype)
+        counts[key] = counts.get(key, 0) + 1
+    rows = [(*key, round(count / steps, 1)) for key, count in counts.items()]
+    return sorted(rows, key=lambda row: -row[-1])
+
+
+def run_kernel_census(args) -> None:
+    """`--onednn_kernels`: which oneDNN kernels one training step runs, per configuration."""
+    emulation = _emulation_label(args)
+    print(f"# oneDNN kernels per training step{'; ' + emulation if emulation else ''}",
+          flush=True)
+    census_args = argparse.Namespace(**vars(args))
+    census_args.steps, census_args.repeats, census_args.warmup = 1, 1, 1
+    census_args.max_other_load = 1e9
+    out = []
+    for batch in args.batch:
+        for method in args.methods.split(","):
+            for precision in args.precisions.split(","):
+                for batch_norm in args.batch_norm.split(","):
+                    command = _worker_command(census_args, method, precision, "off", batch,
+                                              batch_norm)
+                    env = dict(_child_env(args, "tensorflow"), ONEDNN_VERBOSE="1")
+                    process = subprocess.run(command, capture_output=True, text=True,
+                                             cwd=REPO_ROOT, env=env, timeout=1800)
+                    records = [json.loads(line) for line in process.stdout.splitlines()
+                               if line.startswith("{")]
+                    record = records[-1] if records else {"error": process.stderr[-2000:]}
+                    rows = kernel_census(process.stdout, steps=2)
+                    print(f"\n## batch {batch}, {method}, precision {precision} "
+                          f"(used {record.get('precision_used')}), BN {batch_norm} "
+                          f"(used {record.get('batch_norm_used')})"
+                          + (f": {record['skipped']}" if "skipped" in record else ""))
+                    if "error" in record:
+                        print(f"failed: {record['error']}")
+                    print("| primitive | implementation | propagation | src type | calls/step |")
+                    print("|---|---|---|---|---:|")
+                    for row in rows:
+                        print("| " + " | ".join(str(cell) for cell in row) + " |")
+                    out.append({"batch": batch, "method": method, "precision": precision,
+                                "batch_norm": batch_norm, "record": record,
+                                "kernels": [list(row) for row in rows]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"emulation": emulation or None, "configurations": out}, f, indent=1)
 
 
 def run_driver(args) -> None:
@@ -542,7 +618,7 @@ def run_driver(args) -> None:
                         records.append(record)
                         print(json.dumps(record), flush=True)
 
-    flops = {r["method"]: r["gflop_per_image"] for r in records}
+    flops = {r["method"]: r["gflop_per_image"] for r in records if "gflop_per_image" in r}
     flop_ratio = flops["sokd"] / flops["kd"] if "sokd" in flops and "kd" in flops else 1.57
     end_load = os.getloadavg()
     report = [
@@ -621,6 +697,9 @@ def parse_args(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--onednn_probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--onednn_kernels", action="store_true",
+                        help="time nothing: list the oneDNN kernels (ISA, implementation) one "
+                        "training step of each configuration runs (ONEDNN_VERBOSE=1)")
     parser.add_argument("--method", choices=METHODS + ABLATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -645,6 +724,8 @@ def main(argv=None):
         print(json.dumps(run_peak_worker(args)), flush=True)
     elif args.onednn_probe:
         run_onednn_probe()
+    elif args.onednn_kernels:
+        run_kernel_census(args)
     else:
         run_driver(args)
 
