@@ -29,6 +29,7 @@ _RENAMED = {"data.name": "dataset"}
 # Choices of the enum-valued fields (models are filled in by define_config_flags).
 _CHOICES = {
     "model.peer_init": config_lib.PEER_INITS,
+    "model.batch_norm": config_lib.BATCH_NORMS,
     "data.source": config_lib.DATA_SOURCES,
     "data.normalization": config_lib.NORMALIZATIONS,
     "train.method": config_lib.METHODS,

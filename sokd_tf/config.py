@@ -28,7 +28,11 @@ DATA_SOURCES = ("fashion_mnist", "tfds", "tfrecord", "image_folder")
 METHODS = ("vanilla", "kd", "fitnet", "at", "dml", "sokd")
 TEACHER_BN_MODES = ("official", "frozen")
 PEER_INITS = ("fresh", "copy")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# "auto": float32 unless the machine computes bfloat16 natively (sokd_tf/runtime/cpu.py).
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# "fused": `FusedBatchNormalization` (TensorFlow's fused kernel); "stock": Keras' own
+# layer; "auto": the faster one on the detected CPU class (sokd_tf/runtime/cpu.py).
+BATCH_NORMS = ("auto", "fused", "stock")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 BASELINE_RECIPES = ("standard", "sokd")
 NORMALIZATIONS = ("dataset", "cifar10", "none")
@@ -70,6 +74,10 @@ class ModelConfig:
         is imported explicitly before loading.
       synchronized_bn: use synchronized BatchNormalization across replicas; None = on
         exactly when the strategy has more than one replica.
+      batch_norm: BatchNormalization implementation of every model the run builds or
+        loads: "fused" (TensorFlow's fused kernel), "stock" (Keras' layer; same maths,
+        weights and files) or "auto" (the faster one on the detected CPU class, resolved
+        at start-up and recorded in the stage's results.json; docs/SCALING.md).
       teacher_checkpoint: a trained teacher `.keras` file to distill from; None = train
         one (`run`) or use the workdir's `teacher/teacher.keras` (`distill`).
     """
@@ -78,6 +86,7 @@ class ModelConfig:
     student: str = "wrn_40_1"
     peer_init: str = "fresh"
     synchronized_bn: bool | None = None
+    batch_norm: str = "auto"
     teacher_checkpoint: str | None = None
     peer_from: str | None = None
     trust_custom_code: bool = False
@@ -90,6 +99,7 @@ class ModelConfig:
                 specs.spec_kind(getattr(self, role))
             except ConfigError as error:
                 raise ConfigError(f"model.{role}: {error}") from None
+        _check_choice("model.batch_norm", self.batch_norm, BATCH_NORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +263,10 @@ class TrainConfig:
         explicitly (preset, config file, flags) always win.
       seed: global seed (weights, data order, augmentation).
       jit_compile: XLA compile the train step.
-      precision: Keras dtype policy.
+      precision: Keras dtype policy, or "auto": mixed_bfloat16 when the CPU (AVX512-BF16,
+        AMX-BF16), the GPU (compute capability >= 8.0) or a TPU computes bfloat16
+        natively, else float32; resolved and printed at start-up, recorded in the stage's
+        results.json as `precision_used` (docs/SCALING.md).
       strategy: tf.distribute strategy.
       steps_per_epoch: cap on steps per epoch (None = one pass over the training split).
     """
@@ -274,7 +287,7 @@ class TrainConfig:
     baseline_recipe: str = "standard"
     seed: int = 8888
     jit_compile: bool = False
-    precision: str = "float32"
+    precision: str = "auto"
     strategy: str = "default"
     steps_per_epoch: int | None = None
 
@@ -391,6 +404,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.teacher_lr_decay_epochs": (2,),
         "train.epochs": 8,
         "train.lr_decay_epochs": (5, 7),
+        # Pinned: the README's accuracy and time are float32 numbers, and "auto" would
+        # train in bfloat16 on CPUs with AVX512-BF16 (`--precision=auto` to opt in).
+        "train.precision": "float32",
         "export.qat_max_steps": 100,
     },
     # The paper's recipe and protocol: CIFAR-100 via tfds, WRN-40-2 -> WRN-40-1, 200

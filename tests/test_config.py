@@ -21,6 +21,16 @@ def test_defaults_are_the_paper_recipe():
     assert config.loss.kd_weights() == {"student/ce": 0.1, "student/kd_from_teacher": 0.9}
 
 
+def test_precision_and_batch_norm_default_to_auto_but_the_quickstart_pins_float32():
+    assert "auto" in config_lib.PRECISIONS and config_lib.BATCH_NORMS == ("auto", "fused", "stock")
+    assert config_lib.RunConfig().train.precision == "auto"
+    assert config_lib.RunConfig().model.batch_norm == "auto"
+    # The README's quickstart numbers are float32 ones, whatever the CPU.
+    assert config_lib.resolve("quickstart").train.precision == "float32"
+    assert config_lib.resolve("quickstart", {"train.precision": "auto"}).train.precision == "auto"
+    assert config_lib.resolve("cifar100_wrn40_2_wrn40_1").train.precision == "auto"
+
+
 def test_preset_then_overrides():
     config = config_lib.resolve("quickstart", {"train.epochs": 7, "data.batch_size": 64})
     assert config.data.source == "fashion_mnist"
@@ -51,6 +61,8 @@ def test_json_round_trip():
         ({"data.batch_size": 0}, "data.batch_size"),
         ({"loss.peer_kd_weight": -0.5}, "loss.peer_kd_weight"),
         ({"export.tflite_variants": ("fp64",)}, "export.tflite_variants"),
+        ({"train.precision": "bfloat16"}, "train.precision"),
+        ({"model.batch_norm": "sync"}, "model.batch_norm"),
         ({"train.nonsense": 1}, "train.nonsense"),
     ],
 )

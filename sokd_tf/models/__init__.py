@@ -1,12 +1,14 @@
 """Model families and the stage conventions the peer builder relies on.
 
-`BUILDERS[name](input_shape, num_classes, *, synchronized_bn=False, name=None)` returns a
+`BUILDERS[name](input_shape, num_classes, *, synchronized_bn=False, batch_norm="fused",
+name=None)` returns a
 built functional `keras.Model` from normalised float32 images `[batch, H, W, C]` to float32
 logits `[batch, num_classes]`. Stage outputs are layers named `stem`, `group1` ..
 `groupN` (raw group outputs, before any final BN), `features` (pooled vector) and `logits`
 (`stage_names`); the peer's cut is found from the graph by `sokd_tf.models.stages`, for
 any functional model. Model specs (zoo name | keras.applications.NAME | .keras file):
 `sokd_tf.models.specs`.
+`batch_norm` is "fused" or "stock" (`fused_batch_norm.BATCH_NORM_LAYERS`).
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def penultimate_stage(model: keras.Model) -> str:
 
 
 def build(name: str, input_shape, num_classes: int, *, synchronized_bn: bool = False,
-          model_name: str | None = None) -> keras.Model:
+          batch_norm: str = "fused", model_name: str | None = None) -> keras.Model:
     """`BUILDERS[name](...)` with a clear error for an unknown architecture name."""
     if name not in BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
     return BUILDERS[name](
-        tuple(input_shape), num_classes, synchronized_bn=synchronized_bn, name=model_name
+        tuple(input_shape), num_classes, synchronized_bn=synchronized_bn,
+        batch_norm=batch_norm, name=model_name,
     )

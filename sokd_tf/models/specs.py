@@ -42,7 +42,7 @@ import numpy as np
 from sokd_tf import models
 from sokd_tf.errors import ConfigError
 from sokd_tf.models import (
-    fused_batch_norm,  # noqa: F401  (registers the layer for loading)
+    fused_batch_norm,
     stages,
 )
 
@@ -113,6 +113,7 @@ def build_model(
     require_graph: bool = False,
     trust_custom_code: bool = False,
     custom_modules: Iterable[str] = (),
+    batch_norm: str | None = None,
 ) -> keras.Model:
     """Builds (zoo, keras.applications) or loads (.keras) the model `spec` names, checked.
 
@@ -137,6 +138,9 @@ def build_model(
       custom_modules: `.keras` only: names of Python modules that define the file's
         custom layers; each is imported, and its Layer/Model classes (registered or not)
         are made available to the loader.
+      batch_norm: "fused" or "stock" BatchNormalization for zoo models and loaded files
+        (same weights and maths); None = the builder's default / the file's own.
+        keras.applications models keep Keras' layer.
 
     Returns:
       A built `keras.Model`, normalised float images `[batch, H, W, C]` -> logits
@@ -155,7 +159,7 @@ def build_model(
     input_shape = tuple(int(d) for d in input_shape)
     if kind == "zoo":
         model = models.build(spec, input_shape, num_classes, synchronized_bn=synchronized_bn,
-                             model_name=name)
+                             model_name=name, **({"batch_norm": batch_norm} if batch_norm else {}))
     elif kind == "keras_applications":
         model = _build_application(spec[len(APPLICATIONS_PREFIX):], input_shape, num_classes,
                                    name=name, what=what)
@@ -165,6 +169,8 @@ def build_model(
         if name is not None and name != model.name and is_graph_model(model):
             # A functional view under the new name, sharing the loaded layers.
             model = keras.Model(*_graph_ends(model, what), name=name)
+        if batch_norm is not None and is_graph_model(model):
+            model = fused_batch_norm.with_batch_norm(model, batch_norm)
     check_model(model, input_shape, num_classes, what=what, require_graph=require_graph)
     if synchronized_bn and kind != "zoo":
         model = with_synchronized_batch_norm(model, what=what)

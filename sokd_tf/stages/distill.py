@@ -55,11 +55,17 @@ def _evaluate_here(model: keras.Model, data, strategy) -> dict:
     return evaluate_model(model, data)
 
 
-def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
-    """The method's trainer and the models to save per role (role -> {file stem: model})."""
+def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool,
+                    batch_norm: str = "fused"):
+    """The method's trainer and the models to save per role (role -> {file stem: model}).
+
+    `batch_norm` is the resolved `model.batch_norm` of the fresh models (SOKD's peer is a
+    copy of the teacher's layers, so it follows the teacher's).
+    """
     trainer_class = distillers.METHODS[config.train.method]
     student = build_model(config.model.student, info, config.model, role="student",
-                          synchronized_bn=synchronized_bn, model_name="student")
+                          synchronized_bn=synchronized_bn, model_name="student",
+                          batch_norm=batch_norm)
     loss = config.loss
     if trainer_class is distillers.VanillaTrainer:
         return distillers.VanillaTrainer(student, role="student"), {"student": {"student": student}}
@@ -72,7 +78,8 @@ def build_distiller(config: RunConfig, info, teacher, synchronized_bn: bool):
         return trainer, {"student": {"student": student}}
     if trainer_class is distillers.MutualLearner:
         peer = build_model(config.model.teacher, info, config.model, role="teacher",
-                           synchronized_bn=synchronized_bn, model_name="peer")
+                           synchronized_bn=synchronized_bn, model_name="peer",
+                           batch_norm=batch_norm)
         if specs.spec_kind(config.model.teacher) == "keras_file":
             peer = keras.models.clone_model(peer)  # DML trains from scratch: fresh weights
         trainer = distillers.MutualLearner(
@@ -110,7 +117,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     check_teacher(config, workdir)
     info = dataset.info
     source = teacher_path(config, workdir)
-    strategy = fit.setup_runtime(config, strategy)
+    strategy, choices = fit.setup_runtime(config, strategy)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
     synchronized_bn = strategy_lib.use_synchronized_bn(config.model.synchronized_bn, strategy)
     trainer_class = distillers.METHODS[config.train.method]
@@ -120,8 +127,11 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
             teacher = load_teacher(
                 source, info, config.model, synchronized_bn=synchronized_bn,
                 require_graph=trainer_class is distillers.SemiOnlineDistiller,
+                batch_norm=choices.batch_norm,
             )
-        trainer, best_models = build_distiller(config, info, teacher, synchronized_bn)
+        trainer, best_models = build_distiller(
+            config, info, teacher, synchronized_bn, choices.batch_norm
+        )
         trainer.compile(
             optimizer=distillers.make_optimizer(config.train, fit.steps_per_epoch(config, dataset)),
             jit_compile=config.train.jit_compile,
@@ -153,6 +163,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
         name: weight for name, weight in trainer.loss_weights_by_term.items() if weight
     }
     results["teacher_bn_mode"] = config.train.teacher_bn_mode if teacher is not None else None
+    results.update(choices.record())
     results["params"] = {
         stem: model.count_params() for role_models in best_models.values()
         for stem, model in role_models.items()

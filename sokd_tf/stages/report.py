@@ -100,6 +100,16 @@ def write_report(workdir: str) -> str:
             ]
         if distill.get("teacher_bn_mode"):
             lines += [f"Teacher BatchNorm mode: **{distill['teacher_bn_mode']}**.", ""]
+    runtime = distill or teacher or {}
+    if "precision_used" in runtime:
+        requested = config.get("train", {}).get("precision")
+        machine = runtime.get("machine", {})
+        lines += [
+            f"Precision **{runtime['precision_used']}** (requested `{requested}`), BatchNorm "
+            f"`{runtime.get('batch_norm_used')}`, CPU {machine.get('model_name', '?')} "
+            f"(class `{machine.get('cpu_class', '?')}`).",
+            "",
+        ]
     selection = (distill or teacher or {}).get("best_epoch_selected_on", "validation")
     lines += [
         "## Results (test split)",

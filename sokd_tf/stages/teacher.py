@@ -26,7 +26,8 @@ from sokd_tf.stages import workdir as workdir_lib
 
 
 def load_teacher(path: str, info, model_config: ModelConfig | None = None, *,
-                 require_graph: bool = False, synchronized_bn: bool = False) -> keras.Model:
+                 require_graph: bool = False, synchronized_bn: bool = False,
+                 batch_norm: str | None = None) -> keras.Model:
     """Loads a trained teacher `.keras` file in the global dtype policy, checked for the data.
 
     Args:
@@ -35,6 +36,8 @@ def load_teacher(path: str, info, model_config: ModelConfig | None = None, *,
       model_config: the run's model config (its `.keras` loading opt-ins apply).
       require_graph: the method cuts a peer from the teacher's graph (SOKD).
       synchronized_bn: rebuild its BatchNormalization layers synchronized (replicas > 1).
+      batch_norm: "fused" or "stock": the run's resolved `model.batch_norm`; None keeps
+        the file's (same weights and maths either way).
 
     Raises:
       UserError: missing/unloadable file, or one that does not fit the data (input shape,
@@ -49,7 +52,7 @@ def load_teacher(path: str, info, model_config: ModelConfig | None = None, *,
     teacher = specs.build_model(
         path, info.image_shape, info.num_classes, role="teacher", require_graph=require_graph,
         synchronized_bn=synchronized_bn, trust_custom_code=model_config.trust_custom_code,
-        custom_modules=model_config.custom_modules,
+        custom_modules=model_config.custom_modules, batch_norm=batch_norm,
     )
     # The file records the policy the teacher was trained in; compute in this run's
     # (a float32 teacher in a mixed_bfloat16 distillation runs, and seeds its peer, in
@@ -79,12 +82,12 @@ def trains_teacher(config: RunConfig, workdir: str) -> bool:
 
 
 def build_model(spec: str, info, model_config: ModelConfig, *, role: str, synchronized_bn: bool,
-                model_name: str) -> keras.Model:
+                model_name: str, batch_norm: str | None = None) -> keras.Model:
     """The model `spec` names (zoo, keras.applications or a `.keras` file) for this data."""
     return specs.build_model(
         spec, info.image_shape, info.num_classes, role=role, synchronized_bn=synchronized_bn,
         name=model_name, trust_custom_code=model_config.trust_custom_code,
-        custom_modules=model_config.custom_modules,
+        custom_modules=model_config.custom_modules, batch_norm=batch_norm,
     )
 
 
@@ -99,12 +102,13 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     paths = workdir_lib.Workdir(workdir)
     if os.path.exists(paths.teacher.results):
         return workdir_lib.read_json(paths.teacher.results)
-    strategy = fit.setup_runtime(config, strategy)
+    strategy, choices = fit.setup_runtime(config, strategy)
     info = dataset.info
     with strategy.scope():
         teacher = build_model(
             config.model.teacher, info, config.model, role="teacher", model_name="teacher",
             synchronized_bn=strategy_lib.use_synchronized_bn(config.model.synchronized_bn, strategy),
+            batch_norm=choices.batch_norm,
         )
         trainer = distillers.VanillaTrainer(teacher, role="teacher")
         steps = fit.steps_per_epoch(config, dataset)
@@ -131,6 +135,7 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     results = fit.stage_results(rows, best, ["teacher"], config.data.validation_size)
     results["checkpoint"] = paths.teacher_checkpoint
     results["params"] = {"teacher": teacher.count_params()}
+    results.update(choices.record())
     if cluster.is_chief(strategy):
         workdir_lib.save_model(teacher, paths.teacher_checkpoint)
         workdir_lib.write_json(paths.teacher.results, results)
