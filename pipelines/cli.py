@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "top-1/top-5 of every model saved in --workdir, or of one .keras"),
     "export": ("pipelines.export_student", "SavedModel + verified LiteRT files + export/report.json"),
     "make-tfrecords": ("pipelines.make_tfrecords", "write any data source as sharded TFRecords of tf.Example"),
+    "reproduce": ("pipelines.reproduce", "a reproduction study: one teacher, every method's students over seeds"),
 }
 USAGE_ERROR = 2
 

@@ -40,9 +40,11 @@ logging.set_verbosity(logging.WARNING)
 # Flag name -> dotted config field, where the field's own name would be unclear.
 _RENAMED = {"data.name": "dataset"}
 
-# Choices of the enum-valued fields (models are filled in by define_config_flags).
+# Choices of the enum-valued fields. Model specs (--teacher, --student) are strings: a zoo
+# name, keras.applications.NAME or a .keras file, checked by the config.
 _CHOICES = {
     "model.peer_init": config_lib.PEER_INITS,
+    "model.batch_norm": config_lib.BATCH_NORMS,
     "data.source": config_lib.DATA_SOURCES,
     "data.normalization": config_lib.NORMALIZATIONS,
     "train.method": config_lib.METHODS,
@@ -70,13 +72,9 @@ def _defined_fields() -> dict[str, typing.Any]:
 
 def define_config_flags(*, sections=tuple(config_lib.SECTIONS), default_preset="quickstart") -> None:
     """Defines --preset, --config and one flag per field of `sections` (once per process)."""
-    from sokd_tf import models
-
     if "preset" in FLAGS:
         return
     choices = dict(_CHOICES)
-    choices["model.teacher"] = tuple(models.BUILDERS)
-    choices["model.student"] = tuple(models.BUILDERS)
     flags.DEFINE_enum(
         "preset", default_preset, list(config_lib.PRESETS),
         "Named override set applied on top of the library defaults (the paper recipe).",
@@ -259,7 +257,7 @@ def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
       argv: the command line, program name first (default: `sys.argv`).
       module: `__name__` of the command's module (its flags are listed by `--help`).
       config: zero-argument function giving the command's effective config (the values
-        `--help` shows).
+        `--help` shows); None for a command without config flags.
     """
     argv = list(sys.argv if argv is None else argv)
     wants_help = [arg for arg in argv[1:] if arg in _HELP_ARGS]
@@ -278,7 +276,7 @@ def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
         fail(f"unexpected arguments {rest[1:]}")
     try:
         if wants_help:
-            print(help_text(argv[0], module, config()))
+            print(help_text(argv[0], module, config() if config else None))
             sys.exit(0)
         _show_library_progress()
         body()
@@ -300,7 +298,7 @@ def _show_library_progress() -> None:
 # --- --help -------------------------------------------------------------------------
 
 
-def help_text(program: str, module: str, config: config_lib.RunConfig) -> str:
+def help_text(program: str, module: str, config: config_lib.RunConfig | None) -> str:
     """The command's own flags, one-line help each, with the values this command line uses."""
     module_name = sys.argv[0] if module == "__main__" else module
     own = {flag.name: flag for flag in FLAGS.get_key_flags_for_module(module_name)}
@@ -308,14 +306,14 @@ def help_text(program: str, module: str, config: config_lib.RunConfig) -> str:
     summary = (inspect.getdoc(command_module) or "").split("\n\n")[0] if command_module else ""
     fields = {flag_name(dotted): dotted for dotted in _defined_fields()}
     defaults = config_lib.RunConfig().to_dict()
-    effective = config.to_dict()
+    effective = config.to_dict() if config else {}
     required = "".join(f" --{name}=..." for name, flag in own.items() if _required(flag))
     lines = [f"usage: {_program_name(program)}{required} [--flag=value ...]", "", summary, "",
              "Values shown are the ones this command line uses (library default < --preset < "
              "--config < flags); --helpfull also lists absl's and TensorFlow's flags."]
     groups: dict[str, list[str]] = {"command": []}
     for name, flag in own.items():
-        if name in fields:
+        if name in fields and config:
             section, field = fields[name].split(".", 1)
             value, library = effective[section][field], defaults[section][field]
             groups.setdefault(section, []).append(_flag_lines(flag, value, library))

@@ -159,7 +159,9 @@ def test_every_bad_invocation_is_one_error_line_and_exit_2(tmp_path):
         ("-m", "sokd_tf", "run", work, "stray"): "error: unexpected arguments ['stray']",
         ("-m", "sokd_tf", "teach"):
             "error: unknown command 'teach'; choose one of run, train-teacher, distill, evaluate, "
-            "export, make-tfrecords (`python -m sokd_tf --help`)",
+            "export, make-tfrecords, reproduce (`python -m sokd_tf --help`)",
+        ("-m", "sokd_tf", "run", work, "--student=keras.applications.MobileNetV9"):
+            "error: unknown keras.applications model 'MobileNetV9'",
         ("-m", "pipelines.make_tfrecords", "--num_shards=0", f"--out_dir={tmp_path}"):
             "error: flag --num_shards=0: ",
         # The quiet start: only our line, though TensorFlow was imported and probed CUDA.
@@ -195,8 +197,8 @@ def test_help_lists_the_commands_own_flags_with_effective_values(tmp_path):
     assert text.startswith("usage: python -m sokd_tf run --workdir=... [--flag=value ...]\n")
     assert _flag_entry(text, "temperature") == ("=4.0", "T of SOKD and KD (KL terms scaled by T^2).")
     # Defaults < preset (quickstart) < --config < flags, each shown as the value used.
-    assert _flag_entry(text, "teacher")[0].startswith("=wrn_16_1  {wrn_10_1,")
-    assert _flag_entry(text, "teacher")[0].endswith("(library default: wrn_40_2)")
+    assert _flag_entry(text, "teacher")[0] == "=wrn_16_1  (library default: wrn_40_2)"
+    assert _flag_entry(text, "teacher")[1].startswith("model spec of the teacher")
     assert _flag_entry(text, "epochs")[0] == "=5  (library default: 200)"
     assert _flag_entry(text, "teacher_epochs")[0] == "=4  (library default: 200)"
     assert _flag_entry(text, "workdir")[0] == "  (required)"
@@ -208,7 +210,7 @@ def test_help_lists_the_commands_own_flags_with_effective_values(tmp_path):
 
     paper = paper_help.stdout
     assert paper.startswith("usage: python -m pipelines.run --workdir=...")
-    assert _flag_entry(paper, "teacher")[0].startswith("=wrn_40_2  {")
+    assert _flag_entry(paper, "teacher")[0] == "=wrn_40_2"
     assert _flag_entry(paper, "epochs")[0] == "=200"
     assert _flag_entry(kd_help.stdout, "teacher_bn_mode")[0].startswith("=frozen  {official,frozen}")
 
@@ -219,7 +221,8 @@ def test_help_lists_the_commands_own_flags_with_effective_values(tmp_path):
     assert _flag_entry(tfrecords, "source")[0].startswith("=fashion_mnist")
     assert "--temperature" not in tfrecords and "--epochs" not in tfrecords
 
-    for command in ("run", "train-teacher", "distill", "evaluate", "export", "make-tfrecords"):
+    for command in ("run", "train-teacher", "distill", "evaluate", "export", "make-tfrecords",
+                    "reproduce"):
         assert re.search(rf"^  {command} +\S", top.stdout, flags=re.M), command
 
 

@@ -174,5 +174,5 @@ def test_errors_name_the_culprit():
     with pytest.raises(ConfigError, match="depth"):
         models.wide_resnet.wide_resnet(15, 1, (32, 32, 3), 10)
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(ConfigError, match="group1"):
+    with pytest.raises(ConfigError, match="0 spatial stage"):
         models.penultimate_stage(plain)

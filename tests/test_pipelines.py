@@ -59,9 +59,11 @@ def test_list_flag_with_bad_items(parsed_flags):
         common.config_from_flags()
 
 
-def test_unknown_model_is_rejected_by_the_flag_parser(parsed_flags):
-    with pytest.raises(flags.IllegalFlagValueError):
-        FLAGS["teacher"].parse("resnet_9000")
+def test_unknown_model_spec_is_a_config_error(parsed_flags):
+    with flagsaver.flagsaver(teacher="resnet_9000"), pytest.raises(
+        ConfigError, match="unknown model spec 'resnet_9000'"
+    ):
+        common.config_from_flags()
 
 
 def test_missing_teacher_checkpoint(parsed_flags, tmp_path):

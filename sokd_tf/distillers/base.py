@@ -125,6 +125,15 @@ class Distiller(keras.Model):
         """Role -> model, for every role this trainer updates."""
         return {role: getattr(self, role) for role in self.trained_roles}
 
+    @property
+    def role_variables(self) -> dict[str, list]:
+        """Role -> the trainable variables stepped with that role's rate and L2.
+
+        The role's model; methods with loss-side layers of a role (FitNet regressors) add
+        them here.
+        """
+        return {role: model.trainable_variables for role, model in self.role_models.items()}
+
     def forward(self, images, labels, training):
         """Runs the roles; returns (per-example terms by name, logits by role).
 
@@ -152,12 +161,7 @@ class Distiller(keras.Model):
 
     def minimize(self, tape: tf.GradientTape, scaled_loss) -> None:
         """Applies one step to every trained role (coupled L2, per-role rates)."""
-        optimization.apply_role_gradients(
-            self.optimizer,
-            tape,
-            scaled_loss,
-            {role: model.trainable_variables for role, model in self.role_models.items()},
-        )
+        optimization.apply_role_gradients(self.optimizer, tape, scaled_loss, self.role_variables)
 
     def update_metrics(self, terms, labels, logits_by_role) -> dict:
         """Updates every tracker from this batch; returns all current results."""

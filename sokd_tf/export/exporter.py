@@ -202,7 +202,7 @@ def _export_checked_student(
                 "signatures": ["serving_default", serving.EXAMPLES_SIGNATURE],
                 "inputs": {
                     "serving_default": f"{serving.IMAGES_INPUT}: uint8 [batch, "
-                    f"{', '.join(map(str, info.image_shape))}] raw pixels",
+                    f"{', '.join(map(str, info.raw_image_shape))}] raw pixels",
                     serving.EXAMPLES_SIGNATURE: f"{serving.EXAMPLES_INPUT}: serialized "
                     "tf.Example strings [batch] with PNG/JPEG bytes under image/encoded",
                 },

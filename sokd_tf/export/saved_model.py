@@ -1,7 +1,9 @@
 """TF Serving-ready SavedModel of a student, with preprocessing inside the graph.
 
 Signatures (both Predict-method; TF2 SavedModels carry no Classify/Regress signatures):
-  - `serving_default`: `images` uint8 `[batch, H, W, C]` raw pixels.
+  - `serving_default`: `images` uint8 `[batch, H, W, C]` raw pixels of the dataset's own
+    shape (`info.raw_image_shape`; any training-time resize or channel repeat is inside
+    the graph).
   - `predict_examples`: `examples` tf.string `[batch]` serialized `tf.Example`s with
     PNG/JPEG bytes under `image/encoded` (resized to H x W if needed).
 Both return `logits` float32 `[batch, num_classes]`, `probabilities` float32
@@ -53,7 +55,8 @@ def build_archive(student: keras.Model, info: DatasetInfo, asset_dir: str):
       info: dataset facts (normalisation, image shape, class names).
       asset_dir: directory where the class-names file is written before export.
     """
-    image_spec = tf.TensorSpec((None, *info.image_shape), tf.uint8, name=serving.IMAGES_INPUT)
+    image_spec = tf.TensorSpec((None, *info.raw_image_shape), tf.uint8,
+                               name=serving.IMAGES_INPUT)
     example_spec = tf.TensorSpec((None,), tf.string, name=serving.EXAMPLES_INPUT)
 
     def serve_images(images):
@@ -109,7 +112,8 @@ def export_saved_model(
       serving_root: the `export/serving` directory.
       model_name: TF Serving model name.
       version: integer version; None = newest existing + 1.
-      warmup_images_uint8: `[n, H, W, C]` real raw images for the warm-up requests.
+      warmup_images_uint8: `[n, H, W, C]` real raw images (`info.raw_image_shape`) for the
+        warm-up requests.
 
     Returns:
       Path of the new version directory.

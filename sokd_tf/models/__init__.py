@@ -1,9 +1,14 @@
 """Model families and the stage conventions the peer builder relies on.
 
-`BUILDERS[name](input_shape, num_classes, *, synchronized_bn=False, name=None)` returns a
+`BUILDERS[name](input_shape, num_classes, *, synchronized_bn=False, batch_norm="fused",
+name=None)` returns a
 built functional `keras.Model` from normalised float32 images `[batch, H, W, C]` to float32
 logits `[batch, num_classes]`. Stage outputs are layers named `stem`, `group1` ..
-`groupN` (raw group outputs, before any final BN), `features` (pooled vector) and `logits`.
+`groupN` (raw group outputs, before any final BN), `features` (pooled vector) and `logits`
+(`stage_names`); the peer's cut is found from the graph by `sokd_tf.models.stages`, for
+any functional model. Model specs (zoo name | keras.applications.NAME | .keras file):
+`sokd_tf.models.specs`.
+`batch_norm` is "fused" or "stock" (`fused_batch_norm.BATCH_NORM_LAYERS`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import re
 import keras
 
 from sokd_tf.errors import ConfigError
-from sokd_tf.models import wide_resnet
+from sokd_tf.models import stages, wide_resnet
 
 BUILDERS = {
     # WRN-10-k (one block per group) is not in the paper; it is the quickstart's student,
@@ -36,25 +41,22 @@ def stage_names(model: keras.Model) -> list[str]:
 
 
 def penultimate_stage(model: keras.Model) -> str:
-    """The stage a SOKD peer branches from: the second-to-last group (`group2` for WRN).
+    """The layer a SOKD peer branches from by default: the penultimate stage's output.
+
+    Found from the graph (`stages.penultimate_stage_output`), `group2` for WRN.
 
     Raises:
-      ConfigError: the model has fewer than two named groups.
+      ConfigError: a subclassed model, or fewer than two spatial stages.
     """
-    groups = [name for name in stage_names(model) if name.startswith("group")]
-    if len(groups) < 2:
-        raise ConfigError(
-            f"model {model.name!r} needs at least two stage layers named group1, group2, ... "
-            f"to branch a peer from; found {groups}"
-        )
-    return groups[-2]
+    return stages.penultimate_stage_output(model)
 
 
 def build(name: str, input_shape, num_classes: int, *, synchronized_bn: bool = False,
-          model_name: str | None = None) -> keras.Model:
+          batch_norm: str = "fused", model_name: str | None = None) -> keras.Model:
     """`BUILDERS[name](...)` with a clear error for an unknown architecture name."""
     if name not in BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
     return BUILDERS[name](
-        tuple(input_shape), num_classes, synchronized_bn=synchronized_bn, name=model_name
+        tuple(input_shape), num_classes, synchronized_bn=synchronized_bn,
+        batch_norm=batch_norm, name=model_name,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 
 from sokd_tf.errors import ConfigError
-from sokd_tf.models.fused_batch_norm import FusedBatchNormalization
+from sokd_tf.models.fused_batch_norm import batch_norm_layer
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 in Keras' convention.
@@ -34,13 +34,15 @@ def dense_initializer() -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def batch_norm(name: str, synchronized_bn: bool) -> keras.layers.Layer:
-    """Keras' BatchNormalization maths through TensorFlow's fused kernel.
+def batch_norm(name: str, synchronized_bn: bool, kind: str = "fused") -> keras.layers.Layer:
+    """A BatchNormalization layer of implementation `kind` ("fused" or "stock").
 
-    `FusedBatchNormalization` is a drop-in subclass (same weights, config and outputs);
-    synchronized BN takes Keras' own path. See sokd_tf/models/fused_batch_norm.py.
+    "fused" is `FusedBatchNormalization`, Keras' maths through TensorFlow's fused kernel
+    (a drop-in subclass: same weights, config and outputs; synchronized BN takes Keras'
+    own path); "stock" is `keras.layers.BatchNormalization`. See
+    sokd_tf/models/fused_batch_norm.py.
     """
-    return FusedBatchNormalization(
+    return batch_norm_layer(kind)(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized_bn, name=name
     )
 
@@ -64,7 +66,7 @@ def conv3x3(x, filters: int, stride: int, name: str):
 
 
 def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: bool,
-                output_name: str | None = None):
+                batch_norm_kind: str = "fused", output_name: str | None = None):
     """Pre-activation basic block of the official WRN.
 
     When the channel count changes, the shortcut is a 1x1 stride-s convolution of the
@@ -76,13 +78,14 @@ def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: boo
       stride: stride of the first convolution (and of the projection).
       name: prefix of the block's layer names.
       synchronized_bn: synchronized BatchNormalization across replicas.
+      batch_norm_kind: "fused" or "stock" (see `batch_norm`).
       output_name: name of the final Add layer (a stage name for the last block).
 
     Returns:
       `[batch, H / stride, W / stride, filters]`.
     """
     equal_in_out = x.shape[-1] == filters
-    activated = batch_norm(f"{name}_bn1", synchronized_bn)(x)
+    activated = batch_norm(f"{name}_bn1", synchronized_bn, batch_norm_kind)(x)
     activated = keras.layers.ReLU(name=f"{name}_relu1")(activated)
     if equal_in_out:
         if stride != 1:
@@ -99,15 +102,15 @@ def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: boo
             name=f"{name}_shortcut",
         )(activated)
     out = conv3x3(activated, filters, stride, f"{name}_conv1")
-    out = batch_norm(f"{name}_bn2", synchronized_bn)(out)
+    out = batch_norm(f"{name}_bn2", synchronized_bn, batch_norm_kind)(out)
     out = keras.layers.ReLU(name=f"{name}_relu2")(out)
     out = conv3x3(out, filters, 1, f"{name}_conv2")
     return keras.layers.Add(name=output_name or f"{name}_add")([shortcut, out])
 
 
-def wide_resnet_head(x, num_classes: int, *, synchronized_bn: bool):
+def wide_resnet_head(x, num_classes: int, *, synchronized_bn: bool, batch_norm_kind: str = "fused"):
     """Final BN -> ReLU -> global average pool (`features`) -> dense (`logits`, float32)."""
-    x = batch_norm("final_bn", synchronized_bn)(x)
+    x = batch_norm("final_bn", synchronized_bn, batch_norm_kind)(x)
     x = keras.layers.ReLU(name="final_relu")(x)
     x = keras.layers.GlobalAveragePooling2D(name="features")(x)
     return keras.layers.Dense(
@@ -126,6 +129,7 @@ def wide_resnet(
     num_classes: int,
     *,
     synchronized_bn: bool = False,
+    batch_norm_kind: str = "fused",
     name: str | None = None,
 ) -> keras.Model:
     """Builds WRN-`depth`-`widen_factor`.
@@ -136,6 +140,8 @@ def wide_resnet(
       input_shape: (H, W, C) of the normalised float32 images.
       num_classes: output logits.
       synchronized_bn: use `BatchNormalization(synchronized=True)` (multi-replica).
+      batch_norm_kind: "fused" (`FusedBatchNormalization`, the default) or "stock"
+        (`keras.layers.BatchNormalization`); same weights and outputs either way.
       name: model name; default `wrn_{depth}_{widen_factor}`.
 
     Returns:
@@ -167,19 +173,22 @@ def wide_resnet(
                 stride if block == 1 else 1,
                 f"group{group}_block{block}",
                 synchronized_bn=synchronized_bn,
+                batch_norm_kind=batch_norm_kind,
                 output_name=f"group{group}" if last else None,
             )
-    logits = wide_resnet_head(x, num_classes, synchronized_bn=synchronized_bn)
+    logits = wide_resnet_head(
+        x, num_classes, synchronized_bn=synchronized_bn, batch_norm_kind=batch_norm_kind
+    )
     return keras.Model(images, logits, name=name or f"wrn_{depth}_{widen_factor}")
 
 
 def make_builder(depth: int, widen_factor: int):
     """A `BUILDERS` entry for WRN-`depth`-`widen_factor`."""
 
-    def build(input_shape, num_classes, *, synchronized_bn=False, name=None):
+    def build(input_shape, num_classes, *, synchronized_bn=False, batch_norm="fused", name=None):
         return wide_resnet(
             depth, widen_factor, input_shape, num_classes,
-            synchronized_bn=synchronized_bn, name=name,
+            synchronized_bn=synchronized_bn, batch_norm_kind=batch_norm, name=name,
         )
 
     build.__name__ = f"wrn_{depth}_{widen_factor}"

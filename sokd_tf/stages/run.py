@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 
-from sokd_tf import distillers
 from sokd_tf.config import RunConfig
 from sokd_tf.data import load_dataset
 from sokd_tf.errors import ConfigError
@@ -68,16 +67,15 @@ def run(config: RunConfig, workdir: str, *, overwrite: bool = False) -> dict:
     Under `multi_worker` every worker runs this with the same config and a workdir on a
     shared filesystem: all workers train, the chief alone writes, evaluates and exports.
     """
-    needs_teacher = distillers.METHODS[config.train.method].needs_teacher
-    checkpoint = config.model.teacher_checkpoint
-    if checkpoint:
-        distill.check_teacher(config, workdir)
+    trains_teacher = teacher.trains_teacher(config, workdir)
+    if not trains_teacher:
+        distill.check_teacher(config, workdir)  # a given teacher file must exist
     dataset = load_dataset(config.data, seed=config.train.seed)
     paths = prepare_workdir(config, workdir, overwrite=overwrite)
     # One strategy for every stage: a multi-worker or TPU strategy is set up once per process.
     strategy = strategy_lib.make_strategy(config.train.strategy)
     outcome = {}
-    if needs_teacher and not checkpoint:
+    if trains_teacher:
         outcome["teacher"] = teacher.train_teacher(config, workdir, dataset, strategy=strategy)
     outcome["distill"] = distill.distill(config, workdir, dataset, strategy=strategy)
     if not cluster.is_chief(strategy):
