@@ -147,7 +147,7 @@ def test_every_bad_invocation_is_one_error_line_and_exit_2(tmp_path):
     work = f"--workdir={tmp_path / 'work'}"
     cases = {
         ("-m", "sokd_tf", "run", work, "--method=sokdd"):
-            "error: flag --method=sokdd: value should be one of <vanilla|kd|dml|sokd>",
+            f"error: flag --method=sokdd: value should be one of <{'|'.join(config_lib.METHODS)}>",
         ("-m", "sokd_tf", "run"): "error: --workdir is required",
         ("-m", "sokd_tf", "evaluate", work, "--overwrite"): "error: Unknown command line flag 'overwrite'",
         ("-m", "sokd_tf", "export", f"--workdir={stored}", "--preset=quickstart"):
@@ -161,7 +161,7 @@ def test_every_bad_invocation_is_one_error_line_and_exit_2(tmp_path):
             "error: unknown command 'teach'; choose one of run, train-teacher, distill, evaluate, "
             "export, make-tfrecords, reproduce (`python -m sokd_tf --help`)",
         ("-m", "sokd_tf", "run", work, "--student=keras.applications.MobileNetV9"):
-            "error: unknown keras.applications model 'MobileNetV9'",
+            "error: model.student: unknown keras.applications model 'MobileNetV9'",
         ("-m", "pipelines.make_tfrecords", "--num_shards=0", f"--out_dir={tmp_path}"):
             "error: flag --num_shards=0: ",
         # The quiet start: only our line, though TensorFlow was imported and probed CUDA.
