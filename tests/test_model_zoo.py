@@ -280,3 +280,26 @@ def test_sokd_fit_step_per_family(teacher_name, student_name):
     assert same(teacher_before, teacher_parameters)
     assert all_changed(peer_before, peer.trainable_weights)
     assert all_changed(student_before, student.trainable_weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["shufflenetv1", "shufflenetv2"])
+def test_shufflenets_export_to_litert_and_qat(name, tmp_path):
+    """Channel slices, shuffles and split grouped convs convert and rebuild for QAT."""
+    from sokd_tf.data.info import DatasetInfo
+    from sokd_tf.export import qat, tflite
+    from sokd_tf.export.preprocess import normalize_numpy
+
+    info = DatasetInfo(
+        "random", 10, (16, 16, 3), tuple(str(i) for i in range(10)), {"train": 8},
+        (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+    )
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8)
+    model = models.build(name, (16, 16, 3), 10)
+    expected = np.asarray(model(normalize_numpy(images, info), training=False))
+    path = tflite.write_tflite(tflite.convert_tflite("fp32", model, info), str(tmp_path / "m.tflite"))
+    np.testing.assert_allclose(
+        tflite.LiteRTClassifier(path).logits(images), expected, rtol=1e-4, atol=1e-4
+    )
+    rebuilt = qat.rebuild_in_tf_keras(model, check_images_normalized=normalize_numpy(images, info))
+    assert qat.quantization_aware_model(rebuilt) is not None

@@ -4,6 +4,7 @@
 built functional `keras.Model` from normalised float32 images `[batch, H, W, C]` to float32
 logits `[batch, num_classes]`. Stage outputs are layers named `stem`, `group1` ..
 `groupN` (raw group outputs, before any final BN), `features` (pooled vector) and `logits`.
+`builder(name)` / `build(name, ...)` also resolve any `wrn_{depth}_{width}` not listed.
 """
 
 from __future__ import annotations
