@@ -348,7 +348,17 @@ def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -
       ConfigError: settings that do not fit the data (e.g. "cifar10" normalisation on
         a dataset without 3 channels).
     """
-    source = _load_source(data_config)
+    return dataset_from_source(_load_source(data_config), data_config, seed)
+
+
+def dataset_from_source(source: SourceData, data_config: config_lib.DataConfig,
+                        seed: int = DEFAULT_SEED) -> ImageDataset:
+    """`load_dataset` for raw splits read elsewhere (e.g. a TFX Trainer's examples).
+
+    Applies `data_config`'s normalisation, validation hold-out and feeding options to
+    `source` exactly as `load_dataset` does; `data_config.source` only selects the
+    known statistics of the "fashion_mnist" and "tfds" sources.
+    """
     channels = source.image_shape[-1]
     if data_config.normalization == "none":
         mean, std = (0.0,) * channels, (1.0,) * channels

@@ -112,6 +112,11 @@ def _read_metadata(data_dir: str) -> dict:
     return {}
 
 
+def read_metadata(data_dir: str) -> dict:
+    """`data_dir`'s dataset_info.json (or classes.txt) as a dict; {} when it has neither."""
+    return _read_metadata(data_dir)
+
+
 class _Records:
     """The records of one split, addressable by global position."""
 
