@@ -153,6 +153,9 @@ def _read_data(fn_args, config: config_lib.RunConfig, module: dict):
         if module["label_vocabulary"]:
             class_names = [name.decode("utf-8") for name in
                            tft_output.vocabulary_by_name(module["label_vocabulary"])]
+        elif label_key in tft_output.raw_feature_spec():
+            # The label passes through the Transform: the examples' own class names hold.
+            class_names = examples.examplegen_metadata(fn_args.train_files).get("class_names")
     eval_limit = (fn_args.eval_steps * config.data.eval_batch_size
                   if fn_args.eval_steps else None)
     splits = {}
