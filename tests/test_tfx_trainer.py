@@ -171,6 +171,7 @@ def test_run_fn_distills_and_exports_a_student_that_scores_the_eval_shards(
     # 2,700 training images / 64 = 43 steps a pass -> 2 epochs of 40 steps.
     assert stored["train"]["epochs"] == 2 and stored["train"]["steps_per_epoch"] == 40
     assert stored["train"]["method"] == "sokd" and stored["model"]["teacher"] == "wrn_16_1"
+    assert stored["data"]["source"] == "tfrecord" and stored["data"]["data_dir"] == examplegen_dir
     logs = [name for _, _, names in os.walk(fn_args.model_run_dir) for name in names
             if name.startswith("events.out.tfevents")]
     assert logs, "no TensorBoard event files under model_run_dir"

@@ -46,7 +46,6 @@ Reference: docs/BATCH.md, "TFX Trainer module".
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Any
@@ -55,6 +54,7 @@ import tensorflow as tf
 
 from sokd_tf import artifacts
 from sokd_tf import config as config_lib
+from sokd_tf.data import tfrecord
 from sokd_tf.data.pipeline import dataset_from_source
 from sokd_tf.data.tfrecord import IMAGE_KEY, LABEL_KEY
 from sokd_tf.errors import ConfigError
@@ -117,7 +117,7 @@ def _already_transformed(patterns, tft_output, choice) -> bool:
         return bool(choice)
     files = examples.expand(patterns)
     first = next(iter(tf.data.TFRecordDataset(
-        files[:1], compression_type=examples.tfrecord.compression_type(files[:1]))))
+        files[:1], compression_type=tfrecord.compression_type(files[:1]))))
     present = set(tf.train.Example.FromString(first.numpy()).features.feature)
     return set(tft_output.transformed_feature_spec()) <= present
 
@@ -128,15 +128,13 @@ def _read_data(fn_args, config: config_lib.RunConfig, module: dict):
     tft_output = _transform_output(fn_args)
     transform, serving_hooks, class_names, mean, std = None, {}, None, None, None
     if tft_output is None:
+        from tensorflow_transform.tf_metadata import schema_utils
+
         schema = _schema(fn_args)
         if schema is not None:
-            from tensorflow_transform.tf_metadata import schema_utils
-
             spec = schema_utils.schema_as_feature_spec(schema).feature_spec
         else:
             spec = examples.default_feature_spec(image_key, label_key)
-            from tensorflow_transform.tf_metadata import schema_utils
-
             schema = schema_utils.schema_from_feature_spec(spec)
         metadata = examples.examplegen_metadata(fn_args.train_files)
         class_names = metadata.get("class_names")
@@ -218,8 +216,11 @@ def run_fn(fn_args) -> None:
 
     config, module = config_from_custom_config(fn_args.custom_config)
     source, serving_hooks = _read_data(fn_args, config, module)
-    data_config = dataclasses.replace(config.data, source="tfrecord", name=source.name)
-    dataset = dataset_from_source(source, data_config, seed=config.train.seed)
+    # config.json records where the data really came from: the examples artifact.
+    config = config_lib.apply_overrides(config, {
+        "data.source": "tfrecord", "data.name": source.name,
+        "data.data_dir": os.path.dirname(os.path.dirname(fn_args.train_files[0]))})
+    dataset = dataset_from_source(source, config.data, seed=config.train.seed)
     config = _with_steps(config, fn_args.custom_config, dataset, fn_args.train_steps)
     workdir = fn_args.model_run_dir
     stages.prepare_workdir(config, workdir)
