@@ -7,6 +7,8 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import export_support as support
 import keras
@@ -16,7 +18,7 @@ import pytest
 import sokd_tf
 from sokd_tf import export
 from sokd_tf.config import ExportConfig
-from sokd_tf.export import model_card
+from sokd_tf.export import model_card, serving
 
 VARIANTS = ("fp32", "int8")
 NUM_IMAGES = 200
@@ -102,6 +104,22 @@ def test_a_litert_interpreter_reading_only_the_folder_classifies_real_images(
         assert card["evaluation"]["top1"] == pytest.approx(np.mean(classes == labels))
         assert report["tflite"][variant]["model_card"] == os.path.join(
             export_dir, "tflite", f"{variant}.model_card.json")
+
+    # The deployment kit's example finds the names in the folder too (labels.txt).
+    paths = []
+    for i, image in enumerate(images[:3]):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        with open(paths[-1], "wb") as f:
+            f.write(serving.encode_png(image))
+    kit = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export")
+    result = subprocess.run(
+        [sys.executable, os.path.join(kit, "litert_example.py"),
+         "--model", os.path.join(folder, "int8.tflite"), *paths],
+        capture_output=True, text=True, check=True)
+    classes, names, _ = classify_from_folder(folder, "int8", images[:3])
+    lines = [line for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
+    for line, cls, name in zip(lines, classes, names, strict=True):
+        assert f"class {cls} {name!r}" in line
 
 
 def test_cards_state_the_input_contract_and_where_they_come_from(exported):
