@@ -162,6 +162,13 @@ def test_compiled_trainer_with_user_metrics_round_trips(tmp_path):
 # --- sample weights ------------------------------------------------------------------
 
 
+def test_weighted_total_scales_examples_and_keeps_the_count_as_denominator():
+    # Hand values: 2 * (1 * 1 + 0 * 3) / 2 = 1; and 0.5 * (2 * 1 + 1 * 3) / 4 = 0.625.
+    assert float(losses.weighted_total({"a": [1.0, 3.0]}, {"a": 2.0}, 2, [1.0, 0.0])) == 1.0
+    assert float(losses.weighted_total({"a": [1.0, 3.0]}, {"a": 0.5}, 4, [2.0, 1.0])) == 0.625
+    assert float(losses.weighted_total({"a": [1.0, 3.0]}, {"a": 1.0}, 2)) == 2.0
+
+
 def test_evaluate_weights_the_terms_the_loss_and_the_accuracies():
     trainer = make_trainer("kd")
     trainer.compile(optimizer="sgd", metrics=[keras.metrics.SparseCategoricalAccuracy(
