@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pipelines.export_student", "SavedModel + verified LiteRT files + export/report.json"),
     "make-tfrecords": ("pipelines.make_tfrecords", "write any data source as sharded TFRecords of tf.Example"),
     "reproduce": ("pipelines.reproduce", "a reproduction study: one teacher, every method's students over seeds"),
+    "make-tfrecords-beam": ("pipelines.make_tfrecords_beam", "make-tfrecords as an Apache Beam job (TFX ExampleGen layout)"),
+    "batch-predict": ("pipelines.batch_predict", "batch prediction with an exported student on Apache Beam"),
+    "kfp": ("pipelines.kfp_pipeline", "compile (or run locally) the Kubeflow pipeline of the whole job"),
 }
 USAGE_ERROR = 2
 

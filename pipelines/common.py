@@ -37,8 +37,6 @@ USAGE_ERROR = 2
 FLAGS.set_default("verbosity", -1)
 logging.set_verbosity(logging.WARNING)
 
-# Flag name -> dotted config field, where the field's own name would be unclear.
-_RENAMED = {"data.name": "dataset"}
 
 # Choices of the enum-valued fields. Model specs (--teacher, --student) are strings: a zoo
 # name, keras.applications.NAME or a .keras file, checked by the config.
@@ -58,8 +56,8 @@ _HELP_ARGS = ("-h", "-help", "--help", "-?", "--helpshort")
 _REQUIRED_MESSAGE = r"Flag --\w+ must have a value other than None"
 
 
-def flag_name(dotted: str) -> str:
-    return _RENAMED.get(dotted, dotted.split(".", 1)[1])
+# Flag names come from the library, so custom_config keys (TFX) and flags agree.
+flag_name = config_lib.flag_name
 
 
 def _defined_fields() -> dict[str, typing.Any]:
@@ -249,7 +247,7 @@ def _flag_error_message(error: flags.Error) -> str:
     return message
 
 
-def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
+def main(body, argv=None, *, module: str, config=config_from_flags, pipeline_args=False) -> None:
     """Parses the command line, then runs `body()`; the whole life of a command.
 
     Args:
@@ -258,6 +256,8 @@ def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
       module: `__name__` of the command's module (its flags are listed by `--help`).
       config: zero-argument function giving the command's effective config (the values
         `--help` shows); None for a command without config flags.
+      pipeline_args: hand every argument absl does not know to `body(arguments)` (Beam
+        pipeline options such as `--runner=DataflowRunner`) instead of refusing it.
     """
     argv = list(sys.argv if argv is None else argv)
     wants_help = [arg for arg in argv[1:] if arg in _HELP_ARGS]
@@ -266,20 +266,23 @@ def main(body, argv=None, *, module: str, config=config_from_flags) -> None:
         print(FLAGS.get_help())
         sys.exit(0)
     try:
-        rest = FLAGS([arg for arg in argv if arg not in _HELP_ARGS])
+        rest = FLAGS([arg for arg in argv if arg not in _HELP_ARGS], known_only=pipeline_args)
     except flags.Error as error:
         message = _flag_error_message(error)
         if not (wants_help and message.endswith(" is required")):
             fail(message)
         rest = [argv[0]]  # --help without --workdir: every flag was parsed, show the help
-    if len(rest) > 1:
+    if len(rest) > 1 and not pipeline_args:
         fail(f"unexpected arguments {rest[1:]}")
     try:
         if wants_help:
             print(help_text(argv[0], module, config() if config else None))
             sys.exit(0)
         _show_library_progress()
-        body()
+        if pipeline_args:
+            body(rest[1:])
+        else:
+            body()
     except UserError as error:
         fail(str(error))
 
@@ -308,9 +311,10 @@ def help_text(program: str, module: str, config: config_lib.RunConfig | None) ->
     defaults = config_lib.RunConfig().to_dict()
     effective = config.to_dict() if config else {}
     required = "".join(f" --{name}=..." for name, flag in own.items() if _required(flag))
+    precedence = " (library default < --preset < --config < flags)" if config else ""
     lines = [f"usage: {_program_name(program)}{required} [--flag=value ...]", "", summary, "",
-             "Values shown are the ones this command line uses (library default < --preset < "
-             "--config < flags); --helpfull also lists absl's and TensorFlow's flags."]
+             f"Values shown are the ones this command line uses{precedence}; --helpfull also "
+             "lists absl's and TensorFlow's flags."]
     groups: dict[str, list[str]] = {"command": []}
     for name, flag in own.items():
         if name in fields and config:

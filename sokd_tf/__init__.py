@@ -1,7 +1,9 @@
 """sokd_tf: Semi-Online Knowledge Distillation (Liu, Liu & Huang, BMVC 2021) for Keras 3.
 
-`import sokd_tf` registers the package's own Keras layers, so `.keras` files written by
-sokd_tf load with plain `keras.saving.load_model` (safe mode on).
+`import sokd_tf` registers the package's own Keras objects (its layers, the trainers, the
+optimizer and its schedule), so every `.keras` file sokd_tf writes (a teacher, peer or
+student model, or a whole trainer) loads with plain `keras.saving.load_model` (safe mode
+on).
 
 Reference: arXiv 2111.11747; docs/METHOD.md.
 """
@@ -22,7 +24,8 @@ def _located_by_python_m() -> bool:
 
 
 # The command (`sokd_tf/__main__.py` -> `pipelines.cli`) hides TensorFlow's start-up lines,
-# which must happen before TensorFlow is first imported; it registers the layers through
-# its own imports of `sokd_tf.models`.
+# which must happen before TensorFlow is first imported; it registers the layers and
+# trainers through its own imports of `sokd_tf.models` and `sokd_tf.distillers`.
 if not _located_by_python_m():
+    from sokd_tf import distillers as _distillers  # noqa: F401
     from sokd_tf.models import fused_batch_norm as _fused_batch_norm  # noqa: F401

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -470,6 +471,88 @@ def field_types() -> dict[str, Any]:
         for field in dataclasses.fields(cls):
             out[f"{section}.{field.name}"] = hints[field.name]
     return out
+
+
+# Flag name of each config field: the field's own name, except where that would be unclear.
+# The pipelines' flags, a TFX Trainer module's `custom_config` keys and KFP component
+# parameters all use these names.
+FLAG_RENAMES = {"data.name": "dataset"}
+
+
+def flag_name(dotted: str) -> str:
+    """The flag name of a dotted config field ("train.epochs" -> "epochs")."""
+    return FLAG_RENAMES.get(dotted, dotted.split(".", 1)[1])
+
+
+def flag_fields() -> dict[str, str]:
+    """Maps every flag name to its dotted config field."""
+    return {flag_name(dotted): dotted for dotted in field_types()}
+
+
+def _optional_base(annotation):
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _coerce(name: str, annotation, value: Any) -> Any:
+    """`value` (JSON-like: str, int, float, bool, list, None) as the field's type."""
+    base, optional = _optional_base(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be None")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typing.get_origin(base) is tuple:
+            (item_type, _) = typing.get_args(base)
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ValueError
+            return tuple(_coerce(name, item_type, item) for item in items if item != "")
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        type_name = getattr(base, "__name__", str(base))
+        raise ConfigError(f"{name} must be {type_name}, got {value!r}") from None
+    return value
+
+
+def overrides_from_flag_names(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted-name overrides from a mapping keyed by flag names (`{"epochs": 3}`).
+
+    The same names as the pipelines' flags, for configs that arrive as plain mappings
+    (a TFX Trainer's `custom_config`, KFP parameters, JSON). Values are coerced to the
+    field's type: numbers from strings, tuples from lists or comma-separated strings.
+
+    Raises:
+      ConfigError: unknown names (all of them listed) or values of the wrong type.
+    """
+    fields = flag_fields()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; expected flag names such as "
+                          f"'method', 'student', 'teacher', 'temperature', 'epochs' "
+                          f"(all: {sorted(fields)})")
+    known = field_types()
+    return {fields[key]: _coerce(key, known[fields[key]], value)
+            for key, value in values.items()}
 
 
 def apply_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:

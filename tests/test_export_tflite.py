@@ -54,6 +54,14 @@ def test_every_variant_runs_in_litert_and_agrees_with_keras(trained_export):
             assert result["agreement"] >= (0.95 if variant == "qat_int8" else 0.97), variant
         if variant in ("int8", "int8_float_io", "qat_int8"):
             assert result["size_bytes"] < fp32_size / 3, variant
+        # Every file ships with its card (input contract) and the shared labels.txt.
+        with open(result["model_card"]) as f:
+            card = json.load(f)
+        assert card["model_file"] == f"{variant}.tflite" and card["variant"] == variant
+        assert card["input"]["dtype"] == result["input_dtype"]
+        quantization = card["input"]["quantization"] or {"scale": 0.0, "zero_point": 0}
+        assert quantization == result["input_quantization"], variant
+        assert result["labels"] == os.path.join(export_dir, "tflite", "labels.txt")
     assert report["tflite"]["fp16"]["size_bytes"] < 0.6 * fp32_size
     assert report["saved_model"]["verification"]["serving_default"]["agreement"] == 1.0
     assert report["saved_model"]["verification"]["predict_examples"]["agreement"] == 1.0

@@ -36,6 +36,9 @@ def test_param_counts_match_pytorch(name):
 def test_builders_keys():
     assert set(models.BUILDERS) == {
         "wrn_10_1", "wrn_10_2", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10",
+        "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+        "resnet8x4", "resnet32x4", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "mobilenetv2",
+        "shufflenetv1", "shufflenetv2", "resnet18", "resnet34",
     }
 
 

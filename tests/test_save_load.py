@@ -146,3 +146,49 @@ def test_student_file_loads_in_a_fresh_process_with_import_sokd_tf_alone(tmp_pat
     assert code != 0, stdout
     assert "Could not locate class 'FusedBatchNormalization'" in stderr, stderr[-3000:]
     assert not (tmp_path / "logits_without.npy").exists()
+
+
+TRAINER_LOAD_SCRIPT = """
+import sys
+import keras
+import numpy as np
+import sokd_tf
+trainer = keras.saving.load_model(sys.argv[1])  # safe mode on
+print("LOADED", type(trainer).__name__, type(trainer.optimizer).__name__,
+      int(trainer.optimizer.iterations), *[m.name for m in trainer.metrics])
+np.save(sys.argv[3], np.asarray(trainer(np.load(sys.argv[2]), training=False)))
+"""
+
+
+def test_trainer_file_loads_in_a_fresh_process_with_import_sokd_tf_alone(tmp_path):
+    """A whole trainer `.keras` (trainer class, PyTorchSGD, EpochStepDecay, user metrics)
+    loads with plain `keras.saving.load_model` once `sokd_tf` is imported."""
+    import os
+    import subprocess
+    import sys
+
+    keras.utils.set_random_seed(2)
+    teacher = models.BUILDERS["wrn_10_1"](SHAPE, 10, name="teacher")
+    student = models.BUILDERS["wrn_10_1"](SHAPE, 10, name="student")
+    trainer = distillers.SemiOnlineDistiller(teacher, peer_lib.build_peer(teacher), student)
+    trainer.compile(optimizer=distillers.make_optimizer(TrainConfig(), 1), metrics=["accuracy"])
+    trainer.fit(images(8), np.arange(8) % 10, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "sokd.keras")
+    trainer.save(path)
+    np.save(tmp_path / "images.npy", images())
+    script = tmp_path / "load_trainer.py"
+    script.write_text(TRAINER_LOAD_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]), TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run(
+        [sys.executable, str(script), path, str(tmp_path / "images.npy"),
+         str(tmp_path / "logits.npy")],
+        env=env, text=True, capture_output=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = run.stdout.split("LOADED", 1)[1].split()
+    assert loaded[:3] == ["SemiOnlineDistiller", "PyTorchSGD", "1"]
+    assert "student/accuracy" in loaded and "peer/accuracy" in loaded
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"),
+                                  np.asarray(trainer(images(), training=False)))

@@ -412,7 +412,17 @@ def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -
     """
     logger.info("[data] reading %s (source %s) from %s", data_config.name, data_config.source,
                 data_config.data_dir or "the source's default location")
-    source = _load_source(data_config)
+    return dataset_from_source(_load_source(data_config), data_config, seed)
+
+
+def dataset_from_source(source: SourceData, data_config: config_lib.DataConfig,
+                        seed: int = DEFAULT_SEED) -> ImageDataset:
+    """`load_dataset` for raw splits read elsewhere (e.g. a TFX Trainer's examples).
+
+    Applies `data_config`'s normalisation, validation hold-out and feeding options to
+    `source` exactly as `load_dataset` does; `data_config.source` only selects the
+    known statistics of the "fashion_mnist" and "tfds" sources.
+    """
     image_shape = model_image_shape(source.image_shape, data_config.image_size,
                                     data_config.channels, source.name)
     channels = source.image_shape[-1]

@@ -55,10 +55,19 @@ def decode_examples(serialized: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
     Returns:
       `[batch, H, W, C]` float32 raw pixels in [0, 255].
     """
-    height, width, channels = info.raw_image_shape
     features = tf.io.parse_example(
         serialized, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)}
     )
+    return decode_images(features[IMAGE_FEATURE], info)
+
+
+def decode_images(encoded: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """Decodes a batch of PNG/JPEG bytes `[batch]` to float32 raw pixels `[batch, H, W, C]`.
+
+    Resized (bilinear, antialiased) to `info.raw_image_shape` when needed, as in
+    `decode_examples`.
+    """
+    height, width, channels = info.raw_image_shape
 
     def decode_one(encoded):
         image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
@@ -68,7 +77,7 @@ def decode_examples(serialized: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
 
     return tf.map_fn(
         decode_one,
-        features[IMAGE_FEATURE],
+        encoded,
         fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
     )
 

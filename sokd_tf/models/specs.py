@@ -94,6 +94,9 @@ def spec_kind(spec: str) -> str:
         return "keras_applications"
     if spec in models.BUILDERS:
         return "zoo"
+    if spec.startswith("wrn_"):
+        models.builder(spec)  # any valid wrn_{depth}_{width}; a bad one says the valid form
+        return "zoo"
     hint = " (a legacy .h5 file: re-save it as .keras)" if spec.endswith(".h5") else ""
     raise ConfigError(
         f"unknown model spec {spec!r}{hint}: give a zoo name (one of {sorted(models.BUILDERS)}), "

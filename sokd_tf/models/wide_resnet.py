@@ -18,51 +18,7 @@ from __future__ import annotations
 import keras
 
 from sokd_tf.errors import ConfigError
-from sokd_tf.models.fused_batch_norm import batch_norm_layer
-
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 in Keras' convention.
-
-
-def conv_initializer() -> keras.initializers.Initializer:
-    """He-normal with fan_out, untruncated (PyTorch `kaiming_normal_(mode="fan_out")`)."""
-    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-
-
-def dense_initializer() -> keras.initializers.Initializer:
-    """PyTorch's default `nn.Linear` weight init: uniform(+-1/sqrt(fan_in))."""
-    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def batch_norm(name: str, synchronized_bn: bool, kind: str = "fused") -> keras.layers.Layer:
-    """A BatchNormalization layer of implementation `kind` ("fused" or "stock").
-
-    "fused" is `FusedBatchNormalization`, Keras' maths through TensorFlow's fused kernel
-    (a drop-in subclass: same weights, config and outputs; synchronized BN takes Keras'
-    own path); "stock" is `keras.layers.BatchNormalization`. See
-    sokd_tf/models/fused_batch_norm.py.
-    """
-    return batch_norm_layer(kind)(
-        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized_bn, name=name
-    )
-
-
-def conv3x3(x, filters: int, stride: int, name: str):
-    """3x3 convolution, no bias, padding 1 exactly as PyTorch."""
-    if stride == 1:
-        padding = "same"
-    else:
-        x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
-        padding = "valid"
-    return keras.layers.Conv2D(
-        filters,
-        3,
-        strides=stride,
-        padding=padding,
-        use_bias=False,
-        kernel_initializer=conv_initializer(),
-        name=name,
-    )(x)
+from sokd_tf.models.layers import batch_norm, conv3x3, conv_initializer, logits_layer
 
 
 def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: bool,
@@ -113,13 +69,7 @@ def wide_resnet_head(x, num_classes: int, *, synchronized_bn: bool, batch_norm_k
     x = batch_norm("final_bn", synchronized_bn, batch_norm_kind)(x)
     x = keras.layers.ReLU(name="final_relu")(x)
     x = keras.layers.GlobalAveragePooling2D(name="features")(x)
-    return keras.layers.Dense(
-        num_classes,
-        kernel_initializer=dense_initializer(),
-        bias_initializer="zeros",
-        dtype="float32",
-        name="logits",
-    )(x)
+    return logits_layer(x, num_classes)
 
 
 def wide_resnet(
