@@ -22,7 +22,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from pipelines import common
+from pipelines import cli, common
 from pipelines import run as run_pipeline  # noqa: F401  (defines the flags of `run`)
 from sokd_tf import config as config_lib
 from sokd_tf.errors import ConfigError
@@ -158,8 +158,8 @@ def test_every_bad_invocation_is_one_error_line_and_exit_2(tmp_path):
             "training loop runs the step without XLA (docs/SCALING.md); unset jit_compile",
         ("-m", "sokd_tf", "run", work, "stray"): "error: unexpected arguments ['stray']",
         ("-m", "sokd_tf", "teach"):
-            "error: unknown command 'teach'; choose one of run, train-teacher, distill, evaluate, "
-            "export, make-tfrecords, reproduce (`python -m sokd_tf --help`)",
+            f"error: unknown command 'teach'; choose one of {', '.join(cli.COMMANDS)} "
+            "(`python -m sokd_tf --help`)",
         ("-m", "sokd_tf", "run", work, "--student=keras.applications.MobileNetV9"):
             "error: model.student: unknown keras.applications model 'MobileNetV9'",
         ("-m", "pipelines.make_tfrecords", "--num_shards=0", f"--out_dir={tmp_path}"):
@@ -222,7 +222,7 @@ def test_help_lists_the_commands_own_flags_with_effective_values(tmp_path):
     assert "--temperature" not in tfrecords and "--epochs" not in tfrecords
 
     for command in ("run", "train-teacher", "distill", "evaluate", "export", "make-tfrecords",
-                    "reproduce"):
+                    "reproduce", "make-tfrecords-beam", "batch-predict", "kfp"):
         assert re.search(rf"^  {command} +\S", top.stdout, flags=re.M), command
 
 
