@@ -114,7 +114,7 @@ flags.DEFINE_string("base_image", DEFAULT_IMAGE,
                     "Container image with sokd_tf installed, for every component.")
 flags.DEFINE_boolean("run_local", False, "Run the pipeline here with kfp.local instead.")
 flags.DEFINE_string("pipeline_root", "kfp_outputs", "kfp.local's output root (--run_local).")
-flags.DEFINE_string("preset", "quickstart", "Pipeline parameter `preset`.")
+flags.DEFINE_string("pipeline_preset", "quickstart", "Pipeline parameter `preset` (a --preset name).")
 flags.DEFINE_string("options", "{}", "Pipeline parameter `options`: JSON of flag names.")
 flags.DEFINE_string("predict_input", "", "Pipeline parameter `predict_input` (TFRecord glob).")
 FLAGS = flags.FLAGS
@@ -126,7 +126,7 @@ def body():
     except ValueError as error:
         raise UserError(f"--options is not valid JSON: {error}") from None
     if FLAGS.run_local:
-        run_local(FLAGS.pipeline_root, preset=FLAGS.preset, options=FLAGS.options,
+        run_local(FLAGS.pipeline_root, preset=FLAGS.pipeline_preset, options=FLAGS.options,
                   predict_input=FLAGS.predict_input)
         print(f"outputs under {FLAGS.pipeline_root}")
     else:
