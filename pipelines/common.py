@@ -150,9 +150,22 @@ def define_workdir_flags() -> None:
         "overwrite", False,
         "Delete an existing run in --workdir (needed when its config differs) and start over.",
     )
+    flags.DEFINE_list(
+        "resume_changed", [],
+        "Continue the run in --workdir from its last completed epoch although these fields "
+        "changed (e.g. after a divergence: --student_learning_rate=0.05 "
+        f"--resume_changed=student_learning_rate); allowed: {', '.join(config_lib.RESUMABLE_FIELDS)} "
+        "(dotted or flag names). The change is recorded in config.json's history.",
+    )
+
+
+def resume_changed() -> tuple[str, ...]:
+    """--resume_changed as dotted config fields (flag names are accepted too)."""
+    by_flag = {flag_name(dotted): dotted for dotted in config_lib.field_types()}
+    return tuple(by_flag.get(name, name) for name in FLAGS.resume_changed)
 
 
 __all__ = [
     "FLAGS", "config_for_workdir", "config_from_flags", "define_config_flags",
-    "define_workdir_flags", "main_wrapper",
+    "define_workdir_flags", "main_wrapper", "resume_changed",
 ]

@@ -16,7 +16,8 @@ common.define_workdir_flags()
 def body():
     config = common.config_from_flags()
     dataset = load_dataset(config.data, seed=config.train.seed)
-    run.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    run.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite,
+                        resume_changed=common.resume_changed())
     results = teacher.train_teacher(config, common.FLAGS.workdir, dataset)
     print(f"teacher: {results['checkpoint']}")
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 from sokd_tf import losses
 from sokd_tf.config import TEACHER_BN_MODES
 from sokd_tf.distillers import optimization
+from sokd_tf.distillers.finite_checks import FiniteChecks
 from sokd_tf.errors import ConfigError
 
 
@@ -111,6 +112,8 @@ class Distiller(keras.Model):
                     keras.metrics.SparseTopKCategoricalAccuracy(k=5, name=f"{role}/top5")
                 )
             self.accuracy_trackers[role] = trackers
+        # Not in `metrics`: read by the divergence check, never logged or reset by Keras.
+        self.finite_checks = FiniteChecks(term_names, self.trained_roles)
         # The sub-models are built functional models; BackupAndRestore and load_model
         # need the container marked built too.
         self.built = True
@@ -138,21 +141,27 @@ class Distiller(keras.Model):
         with tf.GradientTape() as tape:
             terms, logits = self.forward(images, labels, training=True)
             scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels))
-        self.minimize(tape, scaled_loss)
+        gradient_norms = self.minimize(tape, scaled_loss)
+        self.finite_checks.update_state(terms, gradient_norms)
         return self.update_metrics(terms, labels, logits)
 
     def test_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         terms, logits = self.forward(images, labels, training=False)
+        self.finite_checks.update_state(terms)
         return self.update_metrics(terms, labels, logits)
 
     def total_loss(self, terms, labels):
         """Weighted terms summed over the batch / the step's global batch size."""
         return losses.weighted_total(terms, self.loss_weights_by_term, global_batch_size(labels))
 
-    def minimize(self, tape: tf.GradientTape, scaled_loss) -> None:
-        """Applies one step to every trained role (coupled L2, per-role rates)."""
-        optimization.apply_role_gradients(
+    def minimize(self, tape: tf.GradientTape, scaled_loss) -> dict:
+        """Applies one step to every trained role (coupled L2, per-role rates).
+
+        Returns:
+          Role -> global norm of its applied gradient (empty under loss scaling).
+        """
+        return optimization.apply_role_gradients(
             self.optimizer,
             tape,
             scaled_loss,
