@@ -10,8 +10,12 @@ process:
 - unchecked: the same step without either (the step as it was before the check).
 
 The timed call is what `Model.fit` runs (`make_train_function()`); warm-up excluded.
-Reported: median step time of each, and the median of the paired per-window ratios
-(pairing cancels the drift of a shared machine).
+Reported: median wall time per step of each; the median of the paired per-window ratios
+of process CPU time (pairing cancels the drift of a shared machine, CPU time its
+preemption); and, because a 1 % difference drowns in the noise of a shared machine, the
+two added costs measured alone: the callback's read after a step, and the check's extra
+ops (term means, per-role gradient norms, the sticky update) in their own `tf.function`
+(an upper bound of what they add inside the fused step), as a fraction of the step.
 
 Usage (from the repository root):
   python benchmarks/divergence_check.py [--methods=vanilla,sokd] [--steps=20] [--windows=15]
@@ -32,6 +36,7 @@ from keras import ops
 from sokd_tf import distillers, models
 from sokd_tf.config import TrainConfig
 from sokd_tf.distillers import optimization
+from sokd_tf.distillers.finite_checks import FiniteChecks
 from sokd_tf.models import peer as peer_lib
 from sokd_tf.stages import divergence
 
@@ -87,49 +92,98 @@ def _trainer(method: str, checked: bool):
     return trainer
 
 
-def _window(function, check, batch, steps) -> float:
-    start = time.perf_counter()
+def _window(function, check, iterator, steps) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step over `steps` steps."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
-        function(iter([batch]))
+        logs = function(iterator)
         if check is not None:
             check.on_train_batch_end(step)
-    return (time.perf_counter() - start) / steps
+    float(keras.ops.convert_to_numpy(logs["loss"]))  # waits for the last step
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+
+def _per_call(function, repeats) -> float:
+    function()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats
+
+
+def _components(trainer, check, repeats=300) -> tuple[float, float]:
+    """Seconds per step of (the callback's read, the check's extra ops in the step).
+
+    The extra ops run alone in their own `tf.function` on tensors shaped like one step's
+    terms and gradients, minus an empty function's call: an upper bound of what they add
+    inside the fused step.
+    """
+    read = _per_call(lambda: check.on_train_batch_end(0), repeats)
+    role_gradients = {
+        role: [tf.random.normal(v.shape) for v in model.trainable_variables]
+        for role, model in trainer.role_models.items()
+    }
+    terms = {name: tf.random.uniform((BATCH,)) for name in trainer.finite_checks.term_names}
+    checks = FiniteChecks(trainer.finite_checks.term_names, list(role_gradients))
+
+    @tf.function
+    def extra():
+        checks.update_state(terms, {r: tf.linalg.global_norm(g) for r, g in role_gradients.items()})
+        return checks.result()
+
+    @tf.function
+    def empty():
+        return checks.result()
+
+    in_step = max(0.0, _per_call(extra, repeats) - _per_call(empty, repeats))
+    return read, in_step
 
 
 def measure(method: str, steps: int, windows: int) -> dict:
     rng = np.random.default_rng(0)
     batch = (
-        tf.constant(rng.normal(size=(BATCH, *IMAGE_SHAPE)).astype("float32")),
-        tf.constant(rng.integers(0, NUM_CLASSES, BATCH).astype("int32")),
+        rng.normal(size=(BATCH, *IMAGE_SHAPE)).astype("float32"),
+        rng.integers(0, NUM_CLASSES, BATCH).astype("int32"),
     )
-    runs = {}
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    runs, trainers = {}, {}
     for checked in (True, False):
         trainer = _trainer(method, checked)
-        function = trainer.make_train_function()
+        trainer.make_train_function()
         check = None
         if checked:
-            fix = lambda term: divergence.likely_fix(TrainConfig(), ["student"], term)  # noqa: E731
+            roles = list(trainer.role_models)
             check = divergence.DivergenceCheck(
-                "benchmark", tempfile.mkdtemp(), tf.distribute.get_strategy(), fix
+                "benchmark", tempfile.mkdtemp(), tf.distribute.get_strategy(),
+                lambda term, roles=roles: divergence.likely_fix(TrainConfig(), roles, term),
             )
             check.set_model(trainer)
             check.on_train_begin()
-        _window(function, check, batch, 5)  # trace and warm up
-        runs[checked] = (function, check)
-    times = {True: [], False: []}
+        runs[checked] = (trainer.train_function, check)
+        trainers[checked] = trainer
+        _window(*runs[checked], iterator, 5)  # trace and warm up
+    walls = {True: [], False: []}
+    cpus = {True: [], False: []}
     ratios = []
     for index in range(windows):
         order = (True, False) if index % 2 == 0 else (False, True)
-        window = {checked: _window(*runs[checked], batch, steps) for checked in order}
-        for checked, seconds in window.items():
-            times[checked].append(seconds)
-        ratios.append(window[True] / window[False])
-    checked_ms = 1000 * statistics.median(times[True])
-    unchecked_ms = 1000 * statistics.median(times[False])
-    overhead = 100 * (statistics.median(ratios) - 1)
-    return {"method": method, "checked_ms": checked_ms, "unchecked_ms": unchecked_ms,
-            "overhead_percent": overhead,
-            "ratio_range": (min(ratios), max(ratios))}
+        window = {checked: _window(*runs[checked], iterator, steps) for checked in order}
+        for checked, (wall, cpu) in window.items():
+            walls[checked].append(wall)
+            cpus[checked].append(cpu)
+        ratios.append(window[True][1] / window[False][1])
+    read, in_step = _components(trainers[True], runs[True][1])
+    step = statistics.median(walls[False])
+    return {
+        "method": method,
+        "unchecked_ms": 1000 * step,
+        "checked_ms": 1000 * statistics.median(walls[True]),
+        "cpu_ratio_percent": 100 * (statistics.median(ratios) - 1),
+        "cpu_ratio_range": (min(ratios), max(ratios)),
+        "read_us": 1e6 * read,
+        "in_step_us": 1e6 * in_step,
+        "components_percent": 100 * (read + in_step) / step,
+    }
 
 
 def main():
@@ -138,13 +192,15 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=15, help="timed windows per variant")
     args = parser.parse_args()
-    print("| step | unchecked (ms) | checked (ms) | overhead (median paired ratio) |")
-    print("|---|---:|---:|---:|")
+    print("| step | unchecked (ms) | checked (ms) | paired CPU-time ratio | callback read (µs) "
+          "| extra ops in the step (µs) | read + ops / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
-        result = measure(method, args.steps, args.windows)
-        low, high = result["ratio_range"]
-        print(f"| {method} batch {BATCH} | {result['unchecked_ms']:.1f} | {result['checked_ms']:.1f} | "
-              f"{result['overhead_percent']:+.2f} % (ratios {low:.3f}–{high:.3f}) |", flush=True)
+        r = measure(method, args.steps, args.windows)
+        low, high = r["cpu_ratio_range"]
+        print(f"| {method}, batch {BATCH} | {r['unchecked_ms']:.1f} | {r['checked_ms']:.1f} | "
+              f"{r['cpu_ratio_percent']:+.1f} % ({low:.2f}–{high:.2f}) | {r['read_us']:.0f} | "
+              f"{r['in_step_us']:.0f} | {r['components_percent']:.2f} % |", flush=True)
 
 
 if __name__ == "__main__":

@@ -417,3 +417,18 @@ def test_the_issue_command_exits_with_one_line_and_leaves_no_model(small_fashion
     assert not [name for name in left if name.endswith(".keras")]
     assert "distill/results.json" not in left
     assert json.loads(left["distill/diverged.json"])["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_the_qat_fine_tune_stops_on_divergence():
+    from sokd_tf.export import qat
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (128, *SHAPE), dtype=np.uint8)
+    with pytest.raises(DivergedError, match=(
+        r"^export diverged in the QAT fine-tune at (step \d of 8: student/qat_ce|its last step "
+        r"\(8\): weights of \S+) is nan; the learning rate is likely too high: lower "
+        r"--qat_learning_rate \(now 1e\+30\); nothing was exported$"
+    )):
+        qat.quantization_aware_finetune(network("student", 0), _info(), images, epochs=1,
+                                        learning_rate=1e30, batch_size=16, max_steps=8)

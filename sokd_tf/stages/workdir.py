@@ -2,7 +2,8 @@
 
 Stages talk to each other only through these files, like pipeline components:
 
-    workdir/config.json                      resolved RunConfig, written first
+    workdir/config.json                      resolved RunConfig, written first (+ the
+                                             `history` of changes made on resume)
     workdir/teacher/teacher.keras            trained teacher (never overwritten later)
     workdir/teacher/{history.csv,history.json,logs/,checkpoints/,results.json}
     workdir/distill/student_{best,last}.keras, peer_*.keras, reconstructed_teacher_*.keras
