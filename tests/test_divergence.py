@@ -24,6 +24,7 @@ from sokd_tf.runtime import backup, loop
 from sokd_tf.stages import callbacks, distill, divergence, report
 from sokd_tf.stages import run as run_stage
 from sokd_tf.stages import workdir as workdir_lib
+from sokd_tf.stages.export import export_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 3)
@@ -168,6 +169,33 @@ def test_the_custom_loop_stops_like_fit(tmp_path):
     with pytest.raises(DivergedError, match=r"epoch 1, step 3: student/(ce|gradient_norm) is nan"):
         loop.custom_fit(trainer, data, strategy=DEFAULT, epochs=2, steps_per_epoch=3,
                         callbacks=[check(tmp_path)])
+
+
+def test_the_likely_fix_names_the_role_rate_and_the_precision():
+    train = TrainConfig(teacher_learning_rate=3.0, peer_learning_rate=0.5, precision="mixed_bfloat16")
+    assert divergence.likely_fix(train, ["teacher"], "teacher/ce") == (
+        "the learning rate is likely too high: lower --teacher_learning_rate (now 3), "
+        "or train in --precision=float32",
+        ["train.teacher_learning_rate", "train.precision"],
+    )
+    assert divergence.likely_fix(TrainConfig(peer_learning_rate=0.5), ["peer", "student"],
+                                 "peer/gradient_norm") == (
+        "the learning rate is likely too high: lower --peer_learning_rate (now 0.5)",
+        ["train.peer_learning_rate"],
+    )
+
+
+def test_the_resume_changed_flag_takes_flag_or_dotted_names(tmp_path):
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from pipelines import common
+    from pipelines import distill as distill_pipeline  # noqa: F401  (defines the flags)
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["test", f"--workdir={tmp_path}"])
+    with flagsaver.flagsaver(resume_changed=["student_learning_rate", "train.precision"]):
+        assert common.resume_changed() == ("train.student_learning_rate", "train.precision")
 
 
 # --- float16 loss scaling -------------------------------------------------------------------
@@ -369,6 +397,9 @@ def test_divergence_in_epoch_two_keeps_epoch_one_and_the_run_continues(small_fas
     stopped = read_text(paths.report)
     assert "## Stopped: the run diverged" in stopped
     assert "The **distill** stage diverged at epoch 2" in stopped
+    with pytest.raises(ExportError, match="diverged at epoch 2"):
+        export_stage(too_high, workdir, dataset)
+    assert not os.path.exists(paths.export_dir)
 
     # Continue from the end of epoch 1 with a lower rate.
     lower = config_lib.apply_overrides(first, {"train.student_learning_rate": 0.02})
