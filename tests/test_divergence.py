@@ -125,6 +125,26 @@ def test_healthy_training_leaves_the_checks_at_zero(tmp_path):
     assert not (tmp_path / workdir_lib.DIVERGED).exists()
 
 
+def test_every_method_checks_its_named_terms_and_each_trained_role():
+    from sokd_tf.models import peer as peer_lib
+
+    teacher = network("teacher", 1)
+    trainers = {
+        "kd": distillers.KnowledgeDistiller(teacher, network("student", 2)),
+        "dml": distillers.MutualLearner(network("peer", 3), network("student", 2)),
+        "sokd": distillers.SemiOnlineDistiller(teacher, peer_lib.build_peer(teacher),
+                                               network("student", 2)),
+    }
+    assert trainers["kd"].finite_checks.names == (
+        "student/ce", "student/kd_from_teacher", "student/gradient_norm")
+    assert trainers["dml"].finite_checks.names == (
+        "peer/ce", "peer/ml_from_student", "student/ce", "student/ml_from_peer",
+        "peer/gradient_norm", "student/gradient_norm")
+    assert trainers["sokd"].finite_checks.names == (
+        "peer/ce", "peer/kd_from_teacher", "peer/ml_from_student", "student/ce",
+        "student/ml_from_peer", "peer/gradient_norm", "student/gradient_norm")
+
+
 def test_nonfinite_validation_stops_before_any_best_is_chosen(tmp_path):
     """Finite training, NaN validation: the check stops at the end of validation, before
     BestCheckpoints (after it in the list) could pick that epoch."""
