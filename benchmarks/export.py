@@ -9,7 +9,9 @@ Runs the real export (`sokd_tf.export.export_student`) into `--out_dir` (a tempo
 directory by default) on the full test split and prints each variant's size, test
 top-1, agreement with the Keras student and median single-image latency (1 thread),
 with ratios vs fp32 and the goals of issue #5: full-integer int8 >= 3.5x smaller,
-<= 0.5 pt top-1 drop (QAT <= 0.3 pt), latency <= 1/1.5 of fp32's.
+<= 0.5 pt top-1 drop (QAT <= 0.3 pt), latency <= 1/1.5 of fp32's. Latency with the
+XNNPACK delegate on and off and on several threads: `benchmarks/litert_latency.py`
+(`--tflite_dir=OUT_DIR/export/tflite`).
 """
 
 from __future__ import annotations

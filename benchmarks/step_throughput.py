@@ -16,10 +16,25 @@ timing), in its own virtual environment (`.bench_venv`, created on first use wit
 `pip install torch==2.13.0 numpy` unless `--no-install`; torch is never a dependency of
 this project), with the same methods and teacher BatchNorm modes.
 
+The header, the report and the JSON name the CPU (model, AVX2, AVX-512F, AVX512-BF16,
+AMX-BF16, VNNI flags, class; `sokd_tf.runtime.cpu.detect`) and the ISA oneDNN
+dispatches to. `--onednn_max_cpu_isa=AVX2` caps oneDNN in both frameworks' processes
+(`ONEDNN_MAX_CPU_ISA`/`DNNL_MAX_CPU_ISA`, set before TensorFlow or torch is imported;
+torch's own vectorised kernels and MKL are capped too, `ATEN_CPU_CAPABILITY`,
+`MKL_ENABLE_INSTRUCTIONS`): the closest EMULATION of an AVX2-only CPU on an AVX-512 one,
+labelled so in every output. Caches, memory bandwidth and TensorFlow's Eigen kernels
+stay the host's. The "auto" choices (`--precisions=auto`, `--batch_norm=library`) are then
+resolved for the emulated CPU class.
+
+`--onednn_kernels` times nothing: it lists, per configuration, the oneDNN kernels
+(primitive, implementation and ISA, data type, calls per step) one training step runs,
+from `ONEDNN_VERBOSE=1`; ops TensorFlow runs in Eigen do not appear there.
+
 Usage (from the repository root):
   python benchmarks/step_throughput.py --batch=64 [--batch=128] \
-      [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16] \
-      [--jit=off,on] [--steps=5] [--repeats=5] [--markdown=benchmarks/out.md]
+      [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16,auto] \
+      [--jit=off,on] [--batch_norm=library,fused,stock] [--onednn_max_cpu_isa=AVX2] \
+      [--steps=5] [--repeats=5] [--markdown=benchmarks/out.md] [--json=out.json]
 
 FLOPs per image (forward + backward, 2 FLOPs per multiply-add) are counted from the
 Keras models: a trained network costs 3x its forward pass (forward, input gradient,
@@ -42,7 +57,19 @@ DEFAULT_BENCH_VENV = os.path.join(REPO_ROOT, ".bench_venv")
 METHODS = ("vanilla", "kd", "dml", "sokd")
 # Ablation only (not in the default list): SOKD computing the teacher trunk twice.
 ABLATIONS = ("sokd_recompute",)
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# "auto": the library's choice on this machine (or on the emulated CPU class).
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
+# "library": `ModelConfig.batch_norm="auto"` resolved for this machine (what the
+# pipelines train with); "fused" / "stock": that implementation, whatever the machine.
+BATCH_NORM_CHOICES = ("library", "fused", "stock")
+# oneDNN ISA caps (`ONEDNN_MAX_CPU_ISA`) -> torch's ATen capability and MKL's cap.
+ISA_CAPS = {
+    "AVX2": ("avx2", "AVX2"),
+    "AVX2_VNNI": ("avx2", "AVX2"),
+    "AVX512_CORE": ("avx512", "AVX512"),
+    "AVX512_CORE_VNNI": ("avx512", "AVX512"),
+    "AVX512_CORE_BF16": ("avx512", "AVX512"),
+}
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
 TEACHER, STUDENT = "wrn_40_2", "wrn_40_1"
@@ -70,13 +97,13 @@ def _forward_macs(model) -> int:
     return int(total)
 
 
-def _build(method: str, teacher_bn_mode: dict[str, str]):
-    """The compiled distiller of `method` and its training GFLOP per image."""
+def _build(method: str, teacher_bn_mode: dict[str, str], batch_norm: str):
+    """The compiled distiller of `method` (BN `batch_norm`) and its training GFLOP per image."""
     from sokd_tf import distillers, models
     from sokd_tf.models import peer as peer_lib
 
     def build(name, role):
-        return models.build(name, IMAGE_SHAPE, NUM_CLASSES, model_name=role)
+        return models.build(name, IMAGE_SHAPE, NUM_CLASSES, batch_norm=batch_norm, model_name=role)
 
     student = build(STUDENT, "student")
     student_macs = _forward_macs(student)
@@ -138,23 +165,14 @@ def _recomputing_sokd_class():
     return RecomputingSemiOnlineDistiller
 
 
-def _select_batch_norm(kind: str) -> None:
-    """Benchmark-only switch of the BN implementation the model builders pick up.
+def _machine(args):
+    """This machine's features as the library sees them, capped like oneDNN when asked."""
+    from sokd_tf.runtime import cpu
 
-    "fused": every `keras.layers.BatchNormalization` built in this process is a
-    `sokd_tf.models.fused_batch_norm.FusedBatchNormalization`; "stock": Keras' own computation,
-    also inside the builders' `FusedBatchNormalization`. "library": leave the builders
-    alone (they build `FusedBatchNormalization`, so "library" equals "fused").
-    """
-    import keras
-
-    from sokd_tf.models import fused_batch_norm
-
-    stock = keras.layers.BatchNormalization
-    if kind == "fused":
-        keras.layers.BatchNormalization = fused_batch_norm.FusedBatchNormalization
-    elif kind == "stock":
-        fused_batch_norm.FusedBatchNormalization.call = stock.call
+    features = cpu.detect()
+    if args.onednn_max_cpu_isa:
+        features = cpu.capped(features, args.onednn_max_cpu_isa)
+    return features
 
 
 def _machine_busy_s() -> float:
@@ -187,14 +205,31 @@ def run_worker(args) -> dict:
 
     from sokd_tf import distillers
     from sokd_tf.config import TrainConfig
+    from sokd_tf.runtime import cpu
     from sokd_tf.runtime import strategy as strategy_lib
 
-    strategy_lib.set_precision(args.precision)
-    _select_batch_norm(args.batch_norm)
+    machine = _machine(args)
+    precision = cpu.resolve_precision(args.precision, machine).policy
+    batch_norm = cpu.resolve_batch_norm(
+        "auto" if args.batch_norm == "library" else args.batch_norm, machine
+    )
+    record = {
+        "method": args.method, "precision": args.precision, "jit": args.jit,
+        "batch": args.batch, "batch_norm": args.batch_norm, "batch_norm_used": batch_norm,
+        "precision_used": precision, "cpu_class": machine.cpu_class,
+        "onednn_max_cpu_isa": args.onednn_max_cpu_isa or None,
+    }
+    if args.onednn_max_cpu_isa and precision == "mixed_bfloat16" and not machine.avx512_bf16:
+        # TensorFlow sends bfloat16 ops to oneDNN by the host CPU's own flags, and a
+        # capped oneDNN cannot create bfloat16 primitives: the step aborts ("could not
+        # create a primitive descriptor"). A real AVX2 CPU runs them in Eigen instead.
+        return dict(record, skipped="bfloat16 cannot run under a oneDNN cap without "
+                    "AVX512-BF16 (TensorFlow routes it to oneDNN by the host's flags)")
+    strategy_lib.set_precision(precision)
     keras.utils.set_random_seed(0)
     rss_runtime = _peak_rss_mib()
     trainer, gflop_per_image = _build(
-        args.method, {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}
+        args.method, {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}, batch_norm
     )
     trainer.compile(
         optimizer=distillers.make_optimizer(TrainConfig(), 391),
@@ -234,10 +269,7 @@ def run_worker(args) -> dict:
         if quiet and cpu / wall >= args.min_cpu_use * min(threads, os.cpu_count()):
             rates.append(args.batch * args.steps / wall)
     return {
-        "method": args.method,
-        "precision": args.precision,
-        "jit": args.jit,
-        "batch": args.batch,
+        **record,
         "images_per_s_median": round(statistics.median(rates), 1) if rates else None,
         "images_per_s_min": round(min(rates), 1) if rates else None,
         "images_per_s_max": round(max(rates), 1) if rates else None,
@@ -252,7 +284,6 @@ def run_worker(args) -> dict:
         "rss_after_import_mib": round(rss_runtime),
         "peak_rss_mib": round(_peak_rss_mib()),
         "threads": {"intra": args.intra_threads, "inter": args.inter_threads},
-        "batch_norm": args.batch_norm,
     }
 
 
@@ -278,14 +309,57 @@ def run_peak_worker(args) -> dict:
             result.numpy()
             best = max(best, 3 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
         out[dtype] = round(best, 1)
+    out["machine"] = _machine(args).to_dict()
     return out
+
+
+def run_onednn_probe() -> None:
+    """One small convolution under TensorFlow, for `ONEDNN_VERBOSE=1` to name its ISA."""
+    import tensorflow as tf
+
+    images = tf.ones((2, 8, 8, 16))
+    kernel = tf.ones((3, 3, 16, 16))
+    tf.nn.conv2d(images, kernel, 1, "SAME").numpy()
 
 
 # --- driver side ----------------------------------------------------------------------
 
 
+def _child_env(args, framework: str) -> dict:
+    """The environment of a child process: the ISA cap when asked, set before any import."""
+    env = dict(os.environ)
+    isa = args.onednn_max_cpu_isa
+    if isa:
+        env["ONEDNN_MAX_CPU_ISA"] = env["DNNL_MAX_CPU_ISA"] = isa
+        if framework == "torch":
+            aten, mkl = ISA_CAPS[isa]
+            env["ATEN_CPU_CAPABILITY"] = aten
+            env["MKL_ENABLE_INSTRUCTIONS"] = mkl
+    return env
+
+
+def _emulation_label(args) -> str:
+    if not args.onednn_max_cpu_isa:
+        return ""
+    return (f"EMULATION: oneDNN capped to {args.onednn_max_cpu_isa} in both frameworks "
+            f"(ONEDNN_MAX_CPU_ISA; torch also ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS) "
+            f"on a CPU that has more; caches, memory and Eigen kernels are this machine's")
+
+
+def _onednn_isa(args) -> str | None:
+    """The ISA oneDNN reports in a TensorFlow child (ONEDNN_VERBOSE=1), e.g. "Intel AVX2"."""
+    env = dict(_child_env(args, "tensorflow"), ONEDNN_VERBOSE="1")
+    command = [sys.executable, os.path.abspath(__file__), "--onednn_probe"]
+    process = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                             timeout=600)
+    for line in process.stdout.splitlines():
+        if line.startswith("onednn_verbose") and ",isa:" in line:
+            return line.split(",isa:", 1)[1].strip()
+    return None
+
+
 def _run_child(command, env=None, timeout_s=1800):
-    """Runs a child process; returns (its last JSON line, its peak RSS in MiB)."""
+    """Runs a child process; returns its last JSON line."""
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
         env=env,
@@ -317,7 +391,8 @@ def _run_torch_reference(python, script, batch, args, threads):
                f"--methods={','.join(methods)}", f"--kd_teacher_bn={args.kd_teacher_bn}",
                f"--sokd_teacher_bn={args.sokd_teacher_bn}",
                f"--max_other_load={args.max_other_load}"]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    process = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                             env=_child_env(args, "torch"))
     if process.returncode != 0:
         raise RuntimeError(f"PyTorch reference failed:\n{process.stderr[-3000:]}")
     lines = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
@@ -352,6 +427,8 @@ def _worker_command(args, method, precision, jit, batch, batch_norm):
         command.append(f"--intra_threads={args.intra_threads}")
     if args.inter_threads:
         command.append(f"--inter_threads={args.inter_threads}")
+    if args.onednn_max_cpu_isa:
+        command.append(f"--onednn_max_cpu_isa={args.onednn_max_cpu_isa}")
     return command
 
 
@@ -361,17 +438,27 @@ def _fmt(value, pattern="{:.1f}"):
 
 def _table(records, peak, torch_by_batch) -> str:
     lines = [
-        "| batch | method | precision | XLA | BN | images/s median (min-max) | x PyTorch fp32 "
+        "| batch | method | precision (used) | XLA | BN (used) | images/s median (min-max) | x PyTorch fp32 "
         "| GFLOP/img | GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | CPU use |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         torch_rate = (torch_by_batch.get(r["batch"]) or {}).get(r["method"])
+        precision = r["precision"]
+        if r.get("precision_used", precision) != precision:
+            precision = f"{precision} ({r['precision_used']})"
+        batch_norm = r["batch_norm"]
+        if r.get("batch_norm_used", batch_norm) != batch_norm:
+            batch_norm = f"{batch_norm} ({r['batch_norm_used']})"
+        if "skipped" in r:
+            lines.append(f"| {r['batch']} | {r['method']} | {precision} | {r['jit']} | "
+                         f"{batch_norm} | skipped: {r['skipped']} |" + " |" * 7)
+            continue
         rate = r["images_per_s_median"]
         achieved = rate * r["gflop_per_image"] if rate else None
         lines.append(
-            f"| {r['batch']} | {r['method']} | {r['precision']} | {r['jit']} | "
-            f"{r['batch_norm']} | "
+            f"| {r['batch']} | {r['method']} | {precision} | {r['jit']} | "
+            f"{batch_norm} | "
             f"{_fmt(rate)} ({_fmt(r['images_per_s_min'])}-{_fmt(r['images_per_s_max'])}) | "
             f"{_fmt(rate / torch_rate if rate and torch_rate else None, '{:.2f}')} | "
             f"{r['gflop_per_image']:.3f} | {_fmt(achieved)} | "
@@ -389,9 +476,9 @@ def _ratios(records, flop_ratio) -> str:
     }
     for (batch, method, precision, jit, batch_norm), sokd in sorted(keyed.items()):
         kd = keyed.get((batch, "kd", precision, jit, batch_norm))
-        if method != "sokd" or not kd or not kd["images_per_s_median"]:
+        if method != "sokd" or not kd or not kd.get("images_per_s_median"):
             continue
-        if not sokd["images_per_s_median"]:
+        if not sokd.get("images_per_s_median"):
             continue
         time_ratio = kd["images_per_s_median"] / sokd["images_per_s_median"]
         verdict = "within" if time_ratio <= flop_ratio else "ABOVE"
@@ -402,6 +489,81 @@ def _ratios(records, flop_ratio) -> str:
     return "\n".join(lines)
 
 
+def _cpu_line(machine: dict, onednn_isa: str | None) -> str:
+    """"CPU: model; AVX2 yes, ...; class avx512_bf16; oneDNN ISA ..." from a machine record."""
+    flags = {"AVX2": "avx2", "AVX-512F": "avx512f", "AVX512-BF16": "avx512_bf16",
+             "AMX-BF16": "amx_bf16", "VNNI": "avx512_vnni"}
+    described = ", ".join(f"{name} {'yes' if machine[key] else 'no'}" for name, key in flags.items())
+    gpu = "GPU yes" if machine["gpu"] else "no GPU"
+    return (f"CPU: {machine['model_name']}; {described} (as the library's auto choices see "
+            f"them); class {machine['cpu_class']}; {gpu}; oneDNN ISA in TensorFlow: "
+            f"{onednn_isa or 'not reported'}")
+
+
+def kernel_census(verbose_output: str, steps: int) -> list[tuple[str, str, str, str, float]]:
+    """oneDNN primitives a process executed, from its `ONEDNN_VERBOSE=1` output.
+
+    Returns rows (primitive, implementation, propagation, source data type, calls per
+    step), most frequent first; the implementation names the kernel family and ISA
+    (`brg_conv_fwd:avx2` = JIT brgemm AVX2, `ref:any` = reference C++). Ops TensorFlow
+    runs in Eigen do not appear. The per-call times oneDNN prints are ignored.
+    """
+    counts: dict[tuple[str, str, str, str], int] = {}
+    for line in verbose_output.splitlines():
+        fields = line.split(",")
+        if not line.startswith("onednn_verbose") or "exec" not in fields:
+            continue
+        at = fields.index("exec")
+        primitive, implementation, propagation = fields[at + 2 : at + 5]
+        descriptor = fields[at + 5] if len(fields) > at + 5 else ""
+        source = descriptor.split(" ")[0].split(":")
+        dtype = source[1] if len(source) > 1 else ""
+        key = (primitive, implementation, propagation, dtype)
+        counts[key] = counts.get(key, 0) + 1
+    rows = [(*key, round(count / steps, 1)) for key, count in counts.items()]
+    return sorted(rows, key=lambda row: -row[-1])
+
+
+def run_kernel_census(args) -> None:
+    """`--onednn_kernels`: which oneDNN kernels one training step runs, per configuration."""
+    emulation = _emulation_label(args)
+    print(f"# oneDNN kernels per training step{'; ' + emulation if emulation else ''}",
+          flush=True)
+    census_args = argparse.Namespace(**vars(args))
+    census_args.steps, census_args.repeats, census_args.warmup = 1, 1, 1
+    census_args.max_other_load = 1e9
+    out = []
+    for batch in args.batch:
+        for method in args.methods.split(","):
+            for precision in args.precisions.split(","):
+                for batch_norm in args.batch_norm.split(","):
+                    command = _worker_command(census_args, method, precision, "off", batch,
+                                              batch_norm)
+                    env = dict(_child_env(args, "tensorflow"), ONEDNN_VERBOSE="1")
+                    process = subprocess.run(command, capture_output=True, text=True,
+                                             cwd=REPO_ROOT, env=env, timeout=1800)
+                    records = [json.loads(line) for line in process.stdout.splitlines()
+                               if line.startswith("{")]
+                    record = records[-1] if records else {"error": process.stderr[-2000:]}
+                    rows = kernel_census(process.stdout, steps=2)
+                    print(f"\n## batch {batch}, {method}, precision {precision} "
+                          f"(used {record.get('precision_used')}), BN {batch_norm} "
+                          f"(used {record.get('batch_norm_used')})"
+                          + (f": {record['skipped']}" if "skipped" in record else ""))
+                    if "error" in record:
+                        print(f"failed: {record['error']}")
+                    print("| primitive | implementation | propagation | src type | calls/step |")
+                    print("|---|---|---|---|---:|")
+                    for row in rows:
+                        print("| " + " | ".join(str(cell) for cell in row) + " |")
+                    out.append({"batch": batch, "method": method, "precision": precision,
+                                "batch_norm": batch_norm, "record": record,
+                                "kernels": [list(row) for row in rows]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"emulation": emulation or None, "configurations": out}, f, indent=1)
+
+
 def run_driver(args) -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()
@@ -410,12 +572,21 @@ def run_driver(args) -> None:
     jits = args.jit.split(",")
     print(f"# step_throughput {started}; load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}; {os.cpu_count()} CPUs", flush=True)
+    emulation = _emulation_label(args)
+    if emulation:
+        print(f"# {emulation}", flush=True)
 
     peak_command = [sys.executable, os.path.abspath(__file__), "--peak",
                     f"--repeats={args.repeats}", f"--matmul_size={args.matmul_size}"]
     if args.intra_threads:
         peak_command.append(f"--intra_threads={args.intra_threads}")
-    peak = _run_child(peak_command)
+    if args.onednn_max_cpu_isa:
+        peak_command.append(f"--onednn_max_cpu_isa={args.onednn_max_cpu_isa}")
+    peak = _run_child(peak_command, env=_child_env(args, "tensorflow"))
+    machine = peak.pop("machine")
+    onednn_isa = _onednn_isa(args)
+    cpu_line = _cpu_line(machine, onednn_isa)
+    print(f"# {cpu_line}", flush=True)
     print(f"matmul peak (TF, {args.matmul_size}^2): float32 {peak['float32']} GFLOP/s, "
           f"bfloat16 {peak['bfloat16']} GFLOP/s", flush=True)
 
@@ -441,15 +612,18 @@ def run_driver(args) -> None:
                 for jit in jits:
                     for batch_norm in args.batch_norm.split(","):
                         record = _run_child(
-                            _worker_command(args, method, precision, jit, batch, batch_norm)
+                            _worker_command(args, method, precision, jit, batch, batch_norm),
+                            env=_child_env(args, "tensorflow"),
                         )
                         records.append(record)
                         print(json.dumps(record), flush=True)
 
-    flops = {r["method"]: r["gflop_per_image"] for r in records}
+    flops = {r["method"]: r["gflop_per_image"] for r in records if "gflop_per_image" in r}
     flop_ratio = flops["sokd"] / flops["kd"] if "sokd" in flops and "kd" in flops else 1.57
     end_load = os.getloadavg()
     report = [
+        cpu_line + ".",
+        *([emulation + "."] if emulation else []),
         f"Run {started} to {time.strftime('%H:%M UTC', time.gmtime())}; load average at start "
         f"{load[0]:.2f}, at end {end_load[0]:.2f}; {os.cpu_count()} CPUs; "
         f"threads intra={args.intra_threads or 'default'} inter={args.inter_threads or 'default'}.",
@@ -467,7 +641,8 @@ def run_driver(args) -> None:
             f"{method} {values['images_per_s_median']} ({values['images_per_s_min']}-"
             f"{values['images_per_s_max']})" for method, values in raw["methods"].items()
         )
-        report.append(f"PyTorch reference ({raw['framework']}, batch {batch}, parameter-count "
+        report.append(f"PyTorch reference ({raw['framework']}, ATen CPU capability "
+                      f"{raw.get('cpu_capability', 'not reported')}, batch {batch}, parameter-count "
                       f"self-check {raw['self_check']}): {rates} images/s; "
                       f"peak RSS {raw['peak_rss_mib']} MiB.")
     report += ["", _table(records, peak, torch_by_batch), "", _ratios(records, flop_ratio)]
@@ -478,7 +653,9 @@ def run_driver(args) -> None:
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak": peak, "torch": torch_raw, "records": records}, f, indent=1)
+            json.dump({"machine": machine, "onednn_isa": onednn_isa,
+                       "emulation": emulation or None, "peak": peak, "torch": torch_raw,
+                       "records": records}, f, indent=1)
 
 
 def parse_args(argv=None):
@@ -502,8 +679,12 @@ def parse_args(argv=None):
     parser.add_argument("--kd_teacher_bn", default="frozen", choices=("official", "frozen"))
     parser.add_argument("--sokd_teacher_bn", default="official", choices=("official", "frozen"))
     parser.add_argument("--batch_norm", default="library",
-                        help="comma list of BN implementations: library (the builders' "
-                        "choice), stock (Keras' layer), fused (FusedBatchNormalization)")
+                        help="comma list of BN implementations: library (model.batch_norm="
+                        "auto resolved for this CPU class), stock (Keras' layer), fused "
+                        "(FusedBatchNormalization)")
+    parser.add_argument("--onednn_max_cpu_isa", default="", choices=("",) + tuple(ISA_CAPS),
+                        help="cap oneDNN (both frameworks) to this ISA: an emulation of an "
+                        "older CPU class, labelled as such (e.g. AVX2)")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--torch_script", default=DEFAULT_TORCH_SCRIPT,
                         help="PyTorch reference script (default benchmarks/torch_reference.py)")
@@ -515,10 +696,20 @@ def parse_args(argv=None):
     parser.add_argument("--json", default="", help="write all records here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--onednn_probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--onednn_kernels", action="store_true",
+                        help="time nothing: list the oneDNN kernels (ISA, implementation) one "
+                        "training step of each configuration runs (ONEDNN_VERBOSE=1)")
     parser.add_argument("--method", choices=METHODS + ABLATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.batch = args.batch or [64]
+    unknown = sorted(set(args.batch_norm.split(",")) - set(BATCH_NORM_CHOICES))
+    if unknown:
+        parser.error(f"unknown --batch_norm {unknown}; choose from {list(BATCH_NORM_CHOICES)}")
+    unknown = sorted(set(args.precisions.split(",")) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"unknown --precisions {unknown}; choose from {list(PRECISIONS)}")
     return args
 
 
@@ -531,6 +722,10 @@ def main(argv=None):
         print(json.dumps(run_worker(args)), flush=True)
     elif args.peak:
         print(json.dumps(run_peak_worker(args)), flush=True)
+    elif args.onednn_probe:
+        run_onednn_probe()
+    elif args.onednn_kernels:
+        run_kernel_census(args)
     else:
         run_driver(args)
 

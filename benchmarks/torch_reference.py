@@ -424,6 +424,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     result = {"framework": f"torch {torch.__version__}", "threads": args.threads,
               "batch": args.batch, "params": self_check(), "self_check": "passed"}
+    # The vectorised-kernel level ATen dispatches to ("AVX2", "AVX512", ...): shows
+    # whether an ISA cap (ATEN_CPU_CAPABILITY) took effect.
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        result["cpu_capability"] = capability()
     if not args.self_check:
         result["teacher_bn"] = {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}
         result["methods"] = {method: time_method(method, args) for method in args.methods}

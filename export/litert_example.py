@@ -4,7 +4,11 @@ Needs only numpy, pillow and ai-edge-litert:
 
     pip install ai-edge-litert pillow numpy
     python export/litert_example.py --model=workdir/quickstart/export/tflite/int8.tflite \
-        --class_names=CLASS_NAMES_TXT shirt.png boot.png
+        shirt.png boot.png
+
+The class names are read from the `labels.txt` the export writes beside every .tflite
+file (`--class_names` names another file); `<variant>.model_card.json` beside it states
+the same input/output contract as below.
 
 Every exported variant takes raw pixels: float32 in [0, 255] (fp32, fp16, dynamic_int8,
 int8_float_io) or uint8 (int8, qat_int8; input scale 1 and zero point 0 for images
@@ -15,6 +19,7 @@ model. The single output is `logits` (dequantized here for the uint8 variants).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -71,15 +76,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help=".tflite file")
-    parser.add_argument("--class_names", help="class_names.txt (one name per line)")
+    parser.add_argument("--class_names",
+                        help="class names, one per line (default: labels.txt beside --model)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("images", nargs="+", help="PNG/JPEG files")
     args = parser.parse_args(argv)
 
     classifier = TFLiteClassifier(args.model, args.threads)
     names = None
-    if args.class_names:
-        with open(args.class_names, encoding="utf-8") as f:
+    class_names = args.class_names or os.path.join(os.path.dirname(args.model), "labels.txt")
+    if os.path.exists(class_names):
+        with open(class_names, encoding="utf-8") as f:
             names = [line.rstrip("\n") for line in f]
     for path in args.images:
         probabilities = softmax(classifier.logits(load_image(path, *classifier.image_shape)))

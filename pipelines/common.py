@@ -23,12 +23,11 @@ FLAGS = flags.FLAGS
 FLAGS.set_default("verbosity", -1)
 logging.set_verbosity(logging.WARNING)
 
-# Flag name -> dotted config field, where the field's own name would be unclear.
-_RENAMED = {"data.name": "dataset"}
 
 # Choices of the enum-valued fields (models are filled in by define_config_flags).
 _CHOICES = {
     "model.peer_init": config_lib.PEER_INITS,
+    "model.batch_norm": config_lib.BATCH_NORMS,
     "data.source": config_lib.DATA_SOURCES,
     "data.normalization": config_lib.NORMALIZATIONS,
     "train.method": config_lib.METHODS,
@@ -38,8 +37,8 @@ _CHOICES = {
 }
 
 
-def flag_name(dotted: str) -> str:
-    return _RENAMED.get(dotted, dotted.split(".", 1)[1])
+# Flag names come from the library, so custom_config keys (TFX) and flags agree.
+flag_name = config_lib.flag_name
 
 
 def _defaults() -> dict[str, typing.Any]:

@@ -15,7 +15,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sys" >/dev/nul
   "$python" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing requirements (first time: ~2 min, ~2.7 GB)"
+  echo "[setup] installing requirements (first time: ~2 min, ~3.4 GB)"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -r requirements.txt -c constraints.txt
   "$venv/bin/python" -m pip install -q --no-deps -e .

@@ -15,22 +15,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
 from sokd_tf.errors import ConfigError
+from sokd_tf.models import specs
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 DATA_SOURCES = ("fashion_mnist", "tfds", "tfrecord", "image_folder")
-METHODS = ("vanilla", "kd", "dml", "sokd")
+METHODS = ("vanilla", "kd", "fitnet", "at", "dml", "sokd")
 TEACHER_BN_MODES = ("official", "frozen")
 PEER_INITS = ("fresh", "copy")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# "auto": float32 unless the machine computes bfloat16 natively (sokd_tf/runtime/cpu.py).
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# "fused": `FusedBatchNormalization` (TensorFlow's fused kernel); "stock": Keras' own
+# layer; "auto": the faster one on the detected CPU class (sokd_tf/runtime/cpu.py).
+BATCH_NORMS = ("auto", "fused", "stock")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 BASELINE_RECIPES = ("standard", "sokd")
 NORMALIZATIONS = ("dataset", "cifar10", "none")
+IMAGE_CHANNELS = (1, 3)
 # The fields a continued run may change (`stages.run.prepare_workdir(resume_changed=...)`,
 # `--resume_changed`): the step size and the arithmetic, the fixes of a diverged run.
 # The backup restores weights, optimizer state and epoch under any of them; every other
@@ -66,12 +73,25 @@ class ModelConfig:
     """Architectures of the three roles.
 
     Attributes:
-      teacher: key of `sokd_tf.models.BUILDERS` for the teacher (and DML's peer).
-      student: key of `sokd_tf.models.BUILDERS` for the student.
+      teacher: model spec of the teacher (and of DML's peer): a zoo name (a key of
+        `sokd_tf.models.BUILDERS`, e.g. "wrn_40_2"), "keras.applications.NAME" (built with
+        weights=None), or a path to a trained `.keras` file (then it IS the teacher to
+        distill from, no teacher is trained; DML's peer starts from a fresh copy of it).
+      student: model spec of the student (a `.keras` file is the starting point).
       peer_init: "fresh" (official: new random initialisation) or "copy" (start the peer
         from the teacher's trained last stage + head).
+      peer_from: layer of the teacher whose output feeds SOKD's peer; None = the output of
+        the teacher's penultimate stage, found from its graph (`group2` for our WRNs).
+      trust_custom_code: load `.keras` files with Keras' safe mode off (runs code stored
+        in them, e.g. Lambda layers). Off by default; only for files you trust.
+      custom_modules: Python modules defining the custom layers of `.keras` files; each
+        is imported explicitly before loading.
       synchronized_bn: use synchronized BatchNormalization across replicas; None = on
         exactly when the strategy has more than one replica.
+      batch_norm: BatchNormalization implementation of every model the run builds or
+        loads: "fused" (TensorFlow's fused kernel), "stock" (Keras' layer; same maths,
+        weights and files) or "auto" (the faster one on the detected CPU class, resolved
+        at start-up and recorded in the stage's results.json; docs/SCALING.md).
       teacher_checkpoint: a trained teacher `.keras` file to distill from; None = train
         one (`run`) or use the workdir's `teacher/teacher.keras` (`distill`).
     """
@@ -80,10 +100,20 @@ class ModelConfig:
     student: str = "wrn_40_1"
     peer_init: str = "fresh"
     synchronized_bn: bool | None = None
+    batch_norm: str = "auto"
     teacher_checkpoint: str | None = None
+    peer_from: str | None = None
+    trust_custom_code: bool = False
+    custom_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_choice("model.peer_init", self.peer_init, PEER_INITS)
+        for role in ("teacher", "student"):
+            try:
+                specs.spec_kind(getattr(self, role))
+            except ConfigError as error:
+                raise ConfigError(f"model.{role}: {error}") from None
+        _check_choice("model.batch_norm", self.batch_norm, BATCH_NORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +137,13 @@ class DataConfig:
       drop_remainder: drop the last partial training batch (TPU / multi-worker).
       cache: cache decoded images in memory.
       deterministic: deterministic tf.data ordering.
+      image_size: resize every image (bilinear, after the augmentation) to
+        image_size x image_size before it reaches a model, e.g. 32 for keras.applications
+        models that need at least 32x32; None = the images' own size. Exported models
+        still take the raw images (the resize is inside their graph).
+      channels: 3 turns grayscale images into 3 channels by repeating them (for models
+        built for RGB); None = the images' own channel count. Only 1 -> 3 is supported;
+        a value equal to the data's channel count changes nothing.
     """
 
     source: str = "tfds"
@@ -121,9 +158,18 @@ class DataConfig:
     drop_remainder: bool = False
     cache: bool = True
     deterministic: bool = True
+    image_size: int | None = None
+    channels: int | None = None
 
     def __post_init__(self):
         _check_choice("data.source", self.source, DATA_SOURCES)
+        if self.image_size is not None:
+            _check_range("data.image_size", self.image_size, low=1)
+        if self.channels is not None and self.channels not in IMAGE_CHANNELS:
+            raise ConfigError(
+                f"data.channels must be one of {list(IMAGE_CHANNELS)} or unset, got "
+                f"{self.channels!r} (only grayscale -> 3 channels is converted)"
+            )
         _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
         _check_range("data.pad", self.pad, low=0)
         _check_range("data.batch_size", self.batch_size, low=1)
@@ -143,6 +189,15 @@ class LossConfig:
       kd_ce_weight, kd_weight: KD's `student/ce` and `student/kd_from_teacher` weights.
       dml_temperature: DML's temperature.
       dml_temperature_squared: scale DML's KL terms by T^2 (off, as DML).
+      hint_weight, attention_weight: the student's FitNet hint and attention-transfer
+        terms: `student/hint_from_teacher`, `student/at_from_teacher` (KD) or
+        `student/hint_from_peer`, `student/at_from_peer` (SOKD). 0 = off; RepDistiller
+        runs FitNet at 100 and AT at 1000 (per-example conventions in
+        `sokd_tf.losses.feature`).
+      peer_hint_weight, peer_attention_weight: SOKD's `peer/hint_from_teacher`,
+        `peer/at_from_teacher`. 0 = off.
+      feature_pairs: the deepest stage pairs each feature term uses (stages are paired
+        from the deepest, `sokd_tf.distillers.features.pair_stages`); None = all.
     """
 
     temperature: float = 4.0
@@ -155,10 +210,17 @@ class LossConfig:
     kd_weight: float = 0.9
     dml_temperature: float = 1.0
     dml_temperature_squared: bool = False
+    hint_weight: float = 0.0
+    attention_weight: float = 0.0
+    peer_hint_weight: float = 0.0
+    peer_attention_weight: float = 0.0
+    feature_pairs: int | None = None
 
     def __post_init__(self):
         _check_range("loss.temperature", self.temperature, low=0.0, strict=True)
         _check_range("loss.dml_temperature", self.dml_temperature, low=0.0, strict=True)
+        if self.feature_pairs is not None:
+            _check_range("loss.feature_pairs", self.feature_pairs, low=1)
         for field in dataclasses.fields(self):
             if field.name.endswith("_weight"):
                 _check_range(f"loss.{field.name}", getattr(self, field.name), low=0.0)
@@ -174,6 +236,20 @@ class LossConfig:
 
     def kd_weights(self) -> dict[str, float]:
         return {"student/ce": self.kd_ce_weight, "student/kd_from_teacher": self.kd_weight}
+
+    def kd_feature_weights(self) -> dict[str, float]:
+        return {
+            "student/hint_from_teacher": self.hint_weight,
+            "student/at_from_teacher": self.attention_weight,
+        }
+
+    def sokd_feature_weights(self) -> dict[str, float]:
+        return {
+            "peer/hint_from_teacher": self.peer_hint_weight,
+            "peer/at_from_teacher": self.peer_attention_weight,
+            "student/hint_from_peer": self.hint_weight,
+            "student/at_from_peer": self.attention_weight,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +277,10 @@ class TrainConfig:
         explicitly (preset, config file, flags) always win.
       seed: global seed (weights, data order, augmentation).
       jit_compile: XLA compile the train step.
-      precision: Keras dtype policy.
+      precision: Keras dtype policy, or "auto": mixed_bfloat16 when the CPU (AVX512-BF16,
+        AMX-BF16), the GPU (compute capability >= 8.0) or a TPU computes bfloat16
+        natively, else float32; resolved and printed at start-up, recorded in the stage's
+        results.json as `precision_used` (docs/SCALING.md).
       strategy: tf.distribute strategy.
       steps_per_epoch: cap on steps per epoch (None = one pass over the training split).
     """
@@ -222,7 +301,7 @@ class TrainConfig:
     baseline_recipe: str = "standard"
     seed: int = 8888
     jit_compile: bool = False
-    precision: str = "float32"
+    precision: str = "auto"
     strategy: str = "default"
     steps_per_epoch: int | None = None
 
@@ -339,6 +418,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.teacher_lr_decay_epochs": (2,),
         "train.epochs": 8,
         "train.lr_decay_epochs": (5, 7),
+        # Pinned: the README's accuracy and time are float32 numbers, and "auto" would
+        # train in bfloat16 on CPUs with AVX512-BF16 (`--precision=auto` to opt in).
+        "train.precision": "float32",
         "export.qat_max_steps": 100,
     },
     # The paper's recipe and protocol: CIFAR-100 via tfds, WRN-40-2 -> WRN-40-1, 200
@@ -369,8 +451,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 # KD: the teacher in inference mode (Hinton et al.; RepDistiller and KD-Zoo run it so).
 # DML: KD-Zoo's recipe (SGD with Nesterov momentum, weight decay 1e-4, same schedule).
 # SOKD and vanilla keep the dataclass defaults (the authors' SOKD recipe).
+# FitNet and AT: KD's trainer with CE plus the feature term only, at RepDistiller's
+# weights (hint 100, attention 1000), the teacher in inference mode.
 METHOD_RECIPES: dict[str, dict[str, Any]] = {
     "kd": {"train.teacher_bn_mode": "frozen"},
+    "fitnet": {
+        "train.teacher_bn_mode": "frozen", "loss.kd_ce_weight": 1.0, "loss.kd_weight": 0.0,
+        "loss.hint_weight": 100.0,
+    },
+    "at": {
+        "train.teacher_bn_mode": "frozen", "loss.kd_ce_weight": 1.0, "loss.kd_weight": 0.0,
+        "loss.attention_weight": 1000.0,
+    },
     "dml": {"train.nesterov": True, "train.weight_decay": 1e-4},
 }
 
@@ -383,6 +475,88 @@ def field_types() -> dict[str, Any]:
         for field in dataclasses.fields(cls):
             out[f"{section}.{field.name}"] = hints[field.name]
     return out
+
+
+# Flag name of each config field: the field's own name, except where that would be unclear.
+# The pipelines' flags, a TFX Trainer module's `custom_config` keys and KFP component
+# parameters all use these names.
+FLAG_RENAMES = {"data.name": "dataset"}
+
+
+def flag_name(dotted: str) -> str:
+    """The flag name of a dotted config field ("train.epochs" -> "epochs")."""
+    return FLAG_RENAMES.get(dotted, dotted.split(".", 1)[1])
+
+
+def flag_fields() -> dict[str, str]:
+    """Maps every flag name to its dotted config field."""
+    return {flag_name(dotted): dotted for dotted in field_types()}
+
+
+def _optional_base(annotation):
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _coerce(name: str, annotation, value: Any) -> Any:
+    """`value` (JSON-like: str, int, float, bool, list, None) as the field's type."""
+    base, optional = _optional_base(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be None")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typing.get_origin(base) is tuple:
+            (item_type, _) = typing.get_args(base)
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ValueError
+            return tuple(_coerce(name, item_type, item) for item in items if item != "")
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        type_name = getattr(base, "__name__", str(base))
+        raise ConfigError(f"{name} must be {type_name}, got {value!r}") from None
+    return value
+
+
+def overrides_from_flag_names(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted-name overrides from a mapping keyed by flag names (`{"epochs": 3}`).
+
+    The same names as the pipelines' flags, for configs that arrive as plain mappings
+    (a TFX Trainer's `custom_config`, KFP parameters, JSON). Values are coerced to the
+    field's type: numbers from strings, tuples from lists or comma-separated strings.
+
+    Raises:
+      ConfigError: unknown names (all of them listed) or values of the wrong type.
+    """
+    fields = flag_fields()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; expected flag names such as "
+                          f"'method', 'student', 'teacher', 'temperature', 'epochs' "
+                          f"(all: {sorted(fields)})")
+    known = field_types()
+    return {fields[key]: _coerce(key, known[fields[key]], value)
+            for key, value in values.items()}
 
 
 def apply_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:

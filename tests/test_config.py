@@ -21,6 +21,16 @@ def test_defaults_are_the_paper_recipe():
     assert config.loss.kd_weights() == {"student/ce": 0.1, "student/kd_from_teacher": 0.9}
 
 
+def test_precision_and_batch_norm_default_to_auto_but_the_quickstart_pins_float32():
+    assert "auto" in config_lib.PRECISIONS and config_lib.BATCH_NORMS == ("auto", "fused", "stock")
+    assert config_lib.RunConfig().train.precision == "auto"
+    assert config_lib.RunConfig().model.batch_norm == "auto"
+    # The README's quickstart numbers are float32 ones, whatever the CPU.
+    assert config_lib.resolve("quickstart").train.precision == "float32"
+    assert config_lib.resolve("quickstart", {"train.precision": "auto"}).train.precision == "auto"
+    assert config_lib.resolve("cifar100_wrn40_2_wrn40_1").train.precision == "auto"
+
+
 def test_preset_then_overrides():
     config = config_lib.resolve("quickstart", {"train.epochs": 7, "data.batch_size": 64})
     assert config.data.source == "fashion_mnist"
@@ -46,11 +56,13 @@ def test_json_round_trip():
     [
         ({"loss.temperature": -1.0}, "loss.temperature"),
         ({"loss.temperature": 0.0}, "loss.temperature"),
-        ({"train.method": "fitnet"}, "train.method"),
+        ({"train.method": "crd"}, "train.method"),
         ({"train.lr_decay_epochs": (150, 100)}, "train.lr_decay_epochs"),
         ({"data.batch_size": 0}, "data.batch_size"),
         ({"loss.peer_kd_weight": -0.5}, "loss.peer_kd_weight"),
         ({"export.tflite_variants": ("fp64",)}, "export.tflite_variants"),
+        ({"train.precision": "bfloat16"}, "train.precision"),
+        ({"model.batch_norm": "sync"}, "model.batch_norm"),
         ({"train.nonsense": 1}, "train.nonsense"),
     ],
 )
@@ -122,3 +134,16 @@ def test_bad_config_file_names_the_problem(tmp_path, text, message):
         config_lib.read_config_file(str(path))
     with pytest.raises(ConfigError, match="cannot be read"):
         config_lib.read_config_file(str(tmp_path / "missing.json"))
+
+
+def test_fitnet_and_at_are_kd_with_one_feature_term():
+    from sokd_tf import distillers
+
+    fitnet = config_lib.resolve("quickstart", {"train.method": "fitnet"})
+    assert fitnet.loss.kd_weights() == {"student/ce": 1.0, "student/kd_from_teacher": 0.0}
+    assert fitnet.loss.kd_feature_weights()["student/hint_from_teacher"] == 100.0
+    at = config_lib.resolve("quickstart", {"train.method": "at", "loss.attention_weight": 500.0})
+    assert at.loss.kd_feature_weights() == {"student/hint_from_teacher": 0.0, "student/at_from_teacher": 500.0}
+    assert at.train.teacher_bn_mode == "frozen"
+    assert set(distillers.METHODS) == set(config_lib.METHODS)
+    assert distillers.METHODS["fitnet"].needs_teacher and not distillers.METHODS["dml"].needs_teacher

@@ -277,23 +277,6 @@ def test_jit_compiled_sokd_step():
     assert all_changed(student_before, trainer.student.weights)
 
 
-def test_mixed_float16_sokd_step_uses_loss_scaling():
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        teacher = build("teacher", 1)
-        trainer = distillers.SemiOnlineDistiller(
-            teacher, peer_lib.build_peer(teacher), build("student", 2)
-        )
-        history = compile_and_fit(trainer, steps_per_epoch=1, validate=False)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
-    assert optimization.recipe_optimizer(trainer.optimizer) is trainer.optimizer.inner_optimizer
-    assert all(np.isfinite(values[0]) for values in history.history.values())
-    assert int(trainer.optimizer.iterations) == 1
-
-
 class StopAtEpoch(keras.callbacks.Callback):
     def __init__(self, epoch):
         super().__init__()

@@ -130,3 +130,21 @@ def test_failure_after_the_saved_model_removes_everything_this_export_created(tm
     with pytest.raises(ExportError, match="doubling"):
         _export(student, export_dir, config)
     assert _tree(export_dir) == before
+
+
+def test_a_failing_model_card_leaves_no_tflite_file_behind(tmp_path, monkeypatch):
+    """Cards and labels are staged with the .tflite files and move in only together
+    (the failure is injected into the card writer)."""
+    from sokd_tf.export import model_card
+
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full while writing the model card")
+
+    info = support.data()[0]
+    export_dir = str(tmp_path / "export")
+    monkeypatch.setattr(model_card, "model_card", broken_card)
+    with pytest.raises(OSError, match="model card"):
+        _export(support.tiny_student(info), export_dir)
+    left = _tree(export_dir)
+    assert not [p for p in left if os.path.isfile(os.path.join(export_dir, p))], left
+    assert not [p for p in left if "tflite" in p or p.startswith("serving/student/")], left

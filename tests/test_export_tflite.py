@@ -54,6 +54,14 @@ def test_every_variant_runs_in_litert_and_agrees_with_keras(trained_export):
             assert result["agreement"] >= (0.95 if variant == "qat_int8" else 0.97), variant
         if variant in ("int8", "int8_float_io", "qat_int8"):
             assert result["size_bytes"] < fp32_size / 3, variant
+        # Every file ships with its card (input contract) and the shared labels.txt.
+        with open(result["model_card"]) as f:
+            card = json.load(f)
+        assert card["model_file"] == f"{variant}.tflite" and card["variant"] == variant
+        assert card["input"]["dtype"] == result["input_dtype"]
+        quantization = card["input"]["quantization"] or {"scale": 0.0, "zero_point": 0}
+        assert quantization == result["input_quantization"], variant
+        assert result["labels"] == os.path.join(export_dir, "tflite", "labels.txt")
     assert report["tflite"]["fp16"]["size_bytes"] < 0.6 * fp32_size
     assert report["saved_model"]["verification"]["serving_default"]["agreement"] == 1.0
     assert report["saved_model"]["verification"]["predict_examples"]["agreement"] == 1.0
@@ -156,3 +164,79 @@ def test_unknown_variant_and_missing_calibration_data_are_rejected():
         tflite.convert_tflite("int4", student, info)
     with pytest.raises(ExportError, match="representative dataset.*missing"):
         tflite.convert_tflite("int8", student, info)
+
+
+def _tiny_preactivation_student(info, seed=0):
+    """A pre-activation residual block as the WRN students have: BN on a convolution's
+    output (folds into it) and BN on a residual sum (cannot fold), trained-like BN."""
+    keras.utils.set_random_seed(seed)
+    images = keras.Input(info.image_shape)
+    stem = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(images)
+    x = keras.layers.BatchNormalization()(stem)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    shortcut = keras.layers.Conv2D(8, 1, strides=2, use_bias=False)(stem)
+    x = keras.layers.Add()([shortcut, x])
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(images, keras.layers.Dense(info.num_classes)(x), name="tiny_preact")
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.2, channels),
+                               rng.normal(0, 0.3, channels), rng.uniform(0.5, 2.0, channels)])
+    return model
+
+
+def test_full_integer_graph_is_int8_between_the_input_and_output_conversions(tmp_path):
+    info, train_images, _, _, _ = support.data()
+    student = _tiny_preactivation_student(info)
+    paths = {}
+    for variant in ("int8", "int8_float_io", "fp32"):
+        paths[variant] = tflite.write_tflite(
+            tflite.convert_tflite(variant, student, info,
+                                  representative_images_uint8=train_images,
+                                  representative_size=50),
+            str(tmp_path / f"{variant}.tflite"))
+
+    ops = tflite.graph_ops(paths["int8"])
+    assert tflite.integer_graph_problems(paths["int8"]) == []
+    conversions = [op for op in ops if op.op_name in ("QUANTIZE", "DEQUANTIZE")]
+    # uint8 pixels -> int8 first, int8 logits -> uint8 last; nothing else converts.
+    assert [(op.op_name, op.input_dtypes, op.output_dtypes) for op in conversions] == [
+        ("QUANTIZE", ("uint8",), ("int8",)), ("QUANTIZE", ("int8",), ("uint8",))]
+    assert ops[0] == conversions[0] and ops[-1] == conversions[1]
+    assert conversions[0].reads_graph_input and conversions[1].writes_graph_output
+    # The BN after the stem and the strided conv fold into convolutions; the BN on the
+    # residual sum stays as int8 elementwise ops; the normalisation is folded in.
+    counts = tflite.op_counts(paths["int8"])
+    assert counts["CONV_2D"] == 4 and counts["ADD"] >= 1 and counts["FULLY_CONNECTED"] == 1
+    assert "BATCH_NORM" not in " ".join(counts)
+    assert all(set(op.input_dtypes + op.output_dtypes) <= {"int8", "int32"}
+               for op in ops[1:-1])
+
+    float_io = tflite.graph_ops(paths["int8_float_io"])
+    assert tflite.integer_graph_problems(paths["int8_float_io"]) == []
+    assert (float_io[0].op_name, float_io[0].input_dtypes) == ("QUANTIZE", ("float32",))
+    assert (float_io[-1].op_name, float_io[-1].output_dtypes) == ("DEQUANTIZE", ("float32",))
+    # The checker does flag float kernels: every op of the fp32 file.
+    problems = tflite.integer_graph_problems(paths["fp32"])
+    assert len(problems) == len(tflite.graph_ops(paths["fp32"])) and "float32" in problems[0]
+
+    # Every delegate setting runs the file and agrees with the default one (XNNPACK and
+    # the builtin kernels may round a requantization differently: one output step).
+    images = train_images[:8]
+    default = tflite.LiteRTClassifier(paths["int8"])
+    expected = default.logits(images)
+    output_step = default.output["quantization"][0]
+    for delegate in tflite.DELEGATES:
+        classifier = tflite.LiteRTClassifier(paths["int8"], num_threads=2, delegate=delegate)
+        np.testing.assert_allclose(classifier.logits(images), expected, atol=1.01 * output_step)
+    with pytest.raises(ExportError, match="delegate"):
+        tflite.LiteRTClassifier(paths["int8"], delegate="gpu")

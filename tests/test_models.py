@@ -36,6 +36,9 @@ def test_param_counts_match_pytorch(name):
 def test_builders_keys():
     assert set(models.BUILDERS) == {
         "wrn_10_1", "wrn_10_2", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10",
+        "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+        "resnet8x4", "resnet32x4", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "mobilenetv2",
+        "shufflenetv1", "shufflenetv2", "resnet18", "resnet34",
     }
 
 
@@ -174,5 +177,5 @@ def test_errors_name_the_culprit():
     with pytest.raises(ConfigError, match="depth"):
         models.wide_resnet.wide_resnet(15, 1, (32, 32, 3), 10)
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(ConfigError, match="group1"):
+    with pytest.raises(ConfigError, match="0 spatial stage"):
         models.penultimate_stage(plain)

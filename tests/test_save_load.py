@@ -92,8 +92,23 @@ def test_baseline_trainers_round_trip(tmp_path, kind):
     )
 
 
-def test_student_file_loads_in_a_fresh_process_through_sokd_tf(tmp_path):
-    """The builders' FusedBatchNormalization is registered by sokd_tf's loaders alone."""
+# What a user writes to load a student file: keras, and `import sokd_tf` (or not).
+LOAD_SCRIPT = """
+import sys
+import keras
+import numpy as np
+{import_sokd_tf}
+model = keras.saving.load_model(sys.argv[1])  # safe mode on
+print("LAYERS", *sorted({{f"{{type(l).__module__}}.{{type(l).__name__}}"
+                         for l in model._flatten_layers()}}))
+np.save(sys.argv[3], np.asarray(model(np.load(sys.argv[2]), training=False)))
+"""
+
+
+def test_student_file_loads_in_a_fresh_process_with_import_sokd_tf_alone(tmp_path):
+    """`import sokd_tf` registers the builders' FusedBatchNormalization; without it,
+    plain `keras.saving.load_model` cannot load the file."""
+    import os
     import subprocess
     import sys
 
@@ -102,17 +117,78 @@ def test_student_file_loads_in_a_fresh_process_through_sokd_tf(tmp_path):
     student.save(path)
     expected = np.asarray(student(images(), training=False))
     np.save(tmp_path / "images.npy", images())
-    code = (
-        "import sys, numpy as np\n"
-        "from sokd_tf.stages.evaluate import load_model\n"
-        "from sokd_tf.models.fused_batch_norm import FusedBatchNormalization\n"
-        "model = load_model(sys.argv[1])\n"
-        "assert any(isinstance(l, FusedBatchNormalization) for l in model._flatten_layers())\n"
-        "np.save(sys.argv[3], np.asarray(model(np.load(sys.argv[2]), training=False)))\n"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]), TF_CPP_MIN_LOG_LEVEL="2")
+    runs = {}
+    for name, line in (("with", "import sokd_tf"),
+                       ("without", "assert 'sokd_tf' not in sys.modules")):
+        script = tmp_path / f"load_{name}.py"
+        script.write_text(LOAD_SCRIPT.format(import_sokd_tf=line))
+        arguments = [path, str(tmp_path / "images.npy"), str(tmp_path / f"logits_{name}.npy")]
+        runs[name] = subprocess.Popen(
+            [sys.executable, str(script), *arguments], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+    results = {}
+    for name, run in runs.items():
+        stdout, stderr = run.communicate(timeout=300)
+        results[name] = (run.returncode, stdout, stderr)
+
+    code, stdout, stderr = results["with"]
+    assert code == 0, stderr[-3000:]
+    layers = stdout.split("LAYERS", 1)[1].split()
+    assert "sokd_tf.models.fused_batch_norm.FusedBatchNormalization" in layers, layers
+    np.testing.assert_allclose(np.load(tmp_path / "logits_with.npy"), expected,
+                               rtol=1e-5, atol=1e-5)
+
+    code, stdout, stderr = results["without"]
+    assert code != 0, stdout
+    assert "Could not locate class 'FusedBatchNormalization'" in stderr, stderr[-3000:]
+    assert not (tmp_path / "logits_without.npy").exists()
+
+
+TRAINER_LOAD_SCRIPT = """
+import sys
+import keras
+import numpy as np
+import sokd_tf
+trainer = keras.saving.load_model(sys.argv[1])  # safe mode on
+print("LOADED", type(trainer).__name__, type(trainer.optimizer).__name__,
+      int(trainer.optimizer.iterations), *[m.name for m in trainer.metrics])
+np.save(sys.argv[3], np.asarray(trainer(np.load(sys.argv[2]), training=False)))
+"""
+
+
+def test_trainer_file_loads_in_a_fresh_process_with_import_sokd_tf_alone(tmp_path):
+    """A whole trainer `.keras` (trainer class, PyTorchSGD, EpochStepDecay, user metrics)
+    loads with plain `keras.saving.load_model` once `sokd_tf` is imported."""
+    import os
+    import subprocess
+    import sys
+
+    keras.utils.set_random_seed(2)
+    teacher = models.BUILDERS["wrn_10_1"](SHAPE, 10, name="teacher")
+    student = models.BUILDERS["wrn_10_1"](SHAPE, 10, name="student")
+    trainer = distillers.SemiOnlineDistiller(teacher, peer_lib.build_peer(teacher), student)
+    trainer.compile(optimizer=distillers.make_optimizer(TrainConfig(), 1), metrics=["accuracy"])
+    trainer.fit(images(8), np.arange(8) % 10, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "sokd.keras")
+    trainer.save(path)
+    np.save(tmp_path / "images.npy", images())
+    script = tmp_path / "load_trainer.py"
+    script.write_text(TRAINER_LOAD_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]), TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run(
+        [sys.executable, str(script), path, str(tmp_path / "images.npy"),
+         str(tmp_path / "logits.npy")],
+        env=env, text=True, capture_output=True, timeout=300,
     )
-    out = tmp_path / "logits.npy"
-    subprocess.run(
-        [sys.executable, "-c", code, path, str(tmp_path / "images.npy"), str(out)],
-        check=True, timeout=120,
-    )
-    np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = run.stdout.split("LOADED", 1)[1].split()
+    assert loaded[:3] == ["SemiOnlineDistiller", "PyTorchSGD", "1"]
+    assert "student/accuracy" in loaded and "peer/accuracy" in loaded
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"),
+                                  np.asarray(trainer(images(), training=False)))

@@ -7,7 +7,7 @@ Sources (one module each): `fashion_mnist` (IDX files, offline default), `tfds_s
 
 from sokd_tf.data.convert import convert_to_tfrecords
 from sokd_tf.data.info import DatasetInfo
-from sokd_tf.data.pipeline import ImageDataset, load_dataset, normalize
+from sokd_tf.data.pipeline import ImageDataset, load_dataset, model_inputs, normalize
 from sokd_tf.data.tfrecord import write_dataset_info, write_tfrecords
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "ImageDataset",
     "convert_to_tfrecords",
     "load_dataset",
+    "model_inputs",
     "normalize",
     "write_dataset_info",
     "write_tfrecords",

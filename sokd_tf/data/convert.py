@@ -51,7 +51,7 @@ def convert_to_tfrecords(
             dataset.raw_examples(split), out_dir, split, shards, image_format=image_format,
             image_key=image_key, label_key=label_key)
     written["dataset_info"] = [tfrecord.write_dataset_info(
-        out_dir, name=info.name, class_names=info.class_names, image_shape=info.image_shape,
+        out_dir, name=info.name, class_names=info.class_names, image_shape=info.raw_image_shape,
         split_sizes=info.split_sizes, mean=info.mean, std=info.std,
         image_key=image_key, label_key=label_key)]
     return written

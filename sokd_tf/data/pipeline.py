@@ -2,8 +2,11 @@
 
 Every training, evaluation and export path reads images through `ImageDataset`:
 `train_batches` (endless, seeded, augmented), `eval_batches` (finite, fixed order),
-`raw_images` (uint8 pixels for export calibration) and `normalize` (the single
-definition of the normalisation, `(pixels / 255 - mean) / std`).
+`raw_images` (uint8 pixels for export calibration) and `model_inputs` (the single
+definition of raw pixels -> model input: optional bilinear resize to
+`DataConfig.image_size`, the normalisation `(pixels / 255 - mean) / std`, optional
+grayscale -> 3-channel repeat for `DataConfig.channels`; exporters fold the same function
+into their graphs, so served models take the raw images).
 
 Determinism: the order and augmentation of training epoch e depend only on (seed, e):
 the permutation and every augmentation draw are stateless random ops seeded from
@@ -70,6 +73,54 @@ def normalize(pixels: tf.Tensor, mean, std) -> tf.Tensor:
     return (pixels / 255.0 - mean) / std
 
 
+def model_inputs(pixels: tf.Tensor, info: DatasetInfo) -> tf.Tensor:
+    """Raw pixels -> what the models see: resize, normalise, repeat grayscale.
+
+    Steps: bilinear resize (no antialiasing, so LiteRT's builtin RESIZE_BILINEAR runs
+    it) from `info.raw_image_shape` to `info.image_shape`'s height and width when they
+    differ; `(pixels / 255 - mean) / std` with the raw channels' statistics; a
+    1-channel image repeated to `info.image_shape`'s 3 channels when asked. Without a
+    resize or channel change this is exactly `normalize`.
+
+    Args:
+      pixels: `[batch, H, W, C]` raw pixels in [0, 255] (uint8 or float),
+        `(H, W, C) = info.raw_image_shape`.
+      info: the dataset facts.
+
+    Returns:
+      float32 `[batch, h, w, c]`, `(h, w, c) = info.image_shape`.
+    """
+    height, width, channels = info.image_shape
+    pixels = tf.cast(pixels, tf.float32)
+    if tuple(info.raw_image_shape[:2]) != (height, width):
+        pixels = tf.image.resize(pixels, (height, width), method="bilinear", antialias=False)
+    normalized = normalize(pixels, info.mean, info.std)
+    if info.raw_image_shape[-1] != channels:
+        normalized = tf.concat([normalized] * channels, axis=-1)
+    return normalized
+
+
+def model_image_shape(raw_image_shape, image_size: int | None, channels: int | None,
+                      name: str = "the dataset") -> tuple[int, int, int]:
+    """The model-side `(H, W, C)` for raw images and the DataConfig's resize/channels.
+
+    Raises:
+      ConfigError: a channel conversion other than grayscale -> 3 channels.
+    """
+    height, width, raw_channels = (int(d) for d in raw_image_shape)
+    if image_size is not None:
+        height = width = int(image_size)
+    if channels is None or channels == raw_channels:
+        return height, width, raw_channels
+    if raw_channels == 1 and channels == 3:
+        return height, width, 3
+    raise ConfigError(
+        f"data.channels={channels} cannot be applied to {name!r}, whose images have "
+        f"{raw_channels} channel(s): only grayscale -> 3 channels (--channels=3 on 1-channel "
+        f"data) is converted"
+    )
+
+
 class ImageDataset:
     """A validated dataset plus the pipelines that feed training, evaluation and export.
 
@@ -101,6 +152,11 @@ class ImageDataset:
     def normalize(self, pixels: tf.Tensor) -> tf.Tensor:
         """Normalises raw pixels (uint8 or float in [0, 255]) with this dataset's mean/std."""
         return normalize(pixels, self.info.mean, self.info.std)
+
+    def model_inputs(self, pixels: tf.Tensor) -> tf.Tensor:
+        """Raw pixels `[b, H, W, C]` -> model inputs `[b, *info.image_shape]`; see
+        `model_inputs`."""
+        return model_inputs(pixels, self.info)
 
     def steps_per_epoch(self, batch_size: int, drop_remainder: bool | None = None) -> int:
         """Training batches per epoch: ceil(n / batch), or floor when dropping the remainder."""
@@ -149,7 +205,7 @@ class ImageDataset:
           first_epoch: epoch of the first batch (resuming); epoch e is the same whatever
             epoch the pipeline started at.
           augment: apply the training augmentation (reflect-pad `pad` -> random crop ->
-            random horizontal flip, as configured).
+            random horizontal flip, as configured), on the raw images before any resize.
           drop_remainder: drop each epoch's last partial batch; None = the DataConfig's.
           steps_per_epoch: keep only the first this many batches of every epoch (short
             runs, `TrainConfig.steps_per_epoch`), at most one full pass so data epochs
@@ -157,7 +213,8 @@ class ImageDataset:
             only on (seed, e).
 
         Returns:
-          `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`.
+          `tf.data.Dataset` of `(images float32 [b, *info.image_shape] model inputs,
+          labels int32 [b])`.
         """
         drop = self._drop_remainder if drop_remainder is None else drop_remainder
         full_steps = self.steps_per_epoch(batch_size, drop)
@@ -202,7 +259,7 @@ class ImageDataset:
             if augment:
                 batch_images = pad_crop_flip(batch_images, batch_seed,
                                              pad=self._pad, flip=self._flip)
-            return self.normalize(batch_images), tf.cast(batch_labels, tf.int32)
+            return self.model_inputs(batch_images), tf.cast(batch_labels, tf.int32)
 
         def capped_epoch_batches(epoch):
             batches = epoch_batches(epoch)
@@ -220,19 +277,19 @@ class ImageDataset:
         """Finite batches of `split` ("train", "validation", "test") in fixed order.
 
         Returns:
-          `tf.data.Dataset` of `(images float32 [b, H, W, C] normalised, labels int32 [b])`,
-          not augmented, last partial batch kept.
+          `tf.data.Dataset` of `(images float32 [b, *info.image_shape] model inputs,
+          labels int32 [b])`, not augmented, last partial batch kept.
         """
         data = self._split(split)
         if data.in_memory:
             images, labels = self._in_memory(split)
             dataset = tf.data.Dataset.range(data.size).batch(batch_size).map(
-                lambda indices: (self.normalize(tf.gather(images, indices)),
+                lambda indices: (self.model_inputs(tf.gather(images, indices)),
                                  tf.gather(labels, indices)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:
             dataset = data.stream().batch(batch_size).map(
-                lambda batch_images, batch_labels: (self.normalize(batch_images),
+                lambda batch_images, batch_labels: (self.model_inputs(batch_images),
                                                     tf.cast(batch_labels, tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
@@ -346,9 +403,21 @@ def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -
     Raises:
       DataError: missing or malformed data (the message names the file/record/value).
       ConfigError: settings that do not fit the data (e.g. "cifar10" normalisation on
-        a dataset without 3 channels).
+        a dataset without 3 channels, `channels` other than grayscale -> 3).
     """
-    source = _load_source(data_config)
+    return dataset_from_source(_load_source(data_config), data_config, seed)
+
+
+def dataset_from_source(source: SourceData, data_config: config_lib.DataConfig,
+                        seed: int = DEFAULT_SEED) -> ImageDataset:
+    """`load_dataset` for raw splits read elsewhere (e.g. a TFX Trainer's examples).
+
+    Applies `data_config`'s normalisation, validation hold-out and feeding options to
+    `source` exactly as `load_dataset` does; `data_config.source` only selects the
+    known statistics of the "fashion_mnist" and "tfds" sources.
+    """
+    image_shape = model_image_shape(source.image_shape, data_config.image_size,
+                                    data_config.channels, source.name)
     channels = source.image_shape[-1]
     if data_config.normalization == "none":
         mean, std = (0.0,) * channels, (1.0,) * channels
@@ -373,11 +442,12 @@ def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -
     info = DatasetInfo(
         name=source.name,
         num_classes=len(source.class_names),
-        image_shape=tuple(source.image_shape),
+        image_shape=image_shape,
         class_names=tuple(source.class_names),
         split_sizes={split: data.size for split, data in splits.items()},
         mean=tuple(mean),
         std=tuple(std),
+        raw_image_shape=tuple(int(d) for d in source.image_shape),
     )
     return ImageDataset(
         info,

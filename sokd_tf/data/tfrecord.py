@@ -1,15 +1,21 @@
 """Sharded TFRecord files of tf.Example: reading and writing.
 
-Data-dir convention:
+Data-dir conventions (either):
   data_dir/train-*.tfrecord   training shards (also accepted: train.tfrecord)
   data_dir/test-*.tfrecord    test shards (also accepted: test.tfrecord)
+or TFX ExampleGen's layout (what `pipelines/make_tfrecords_beam.py` writes):
+  data_dir/Split-train/*      training shards, e.g. data_tfrecord-00000-of-00004.gz
+  data_dir/Split-test/* or data_dir/Split-eval/*   the test split (ExampleGen's default
+                              second split is "eval"; "test" wins when both exist)
+and, in both layouts:
   data_dir/dataset_info.json  optional metadata written by `write_dataset_info` /
                               `pipelines/make_tfrecords.py`: name, num_classes,
                               class_names, image_shape, image_key, label_key, mean, std
   data_dir/classes.txt        optional, one class name per line (used when there is
                               no dataset_info.json)
 
-Shards are read in sorted name order, records in file order. Each tf.Example carries
+Files ending in `.gz` are GZIP-compressed TFRecords (ExampleGen's format), others
+uncompressed. Shards are read in sorted name order, records in file order. Each tf.Example carries
 the encoded image (PNG/JPEG/BMP/GIF bytes) under `image_key` (default `image/encoded`)
 and the int64 class under `label_key` (default `image/class/label`), the common
 image-classification convention (TF Model Garden, TF Serving examples). The class count
@@ -39,15 +45,50 @@ INFO_FILE = "dataset_info.json"
 CLASSES_FILE = "classes.txt"
 IMAGE_FORMATS = ("png", "jpeg")
 SPLITS = ("train", "test")
+# TFX ExampleGen's output layout: one `Split-<name>/` directory per split, holding
+# `data_tfrecord-XXXXX-of-YYYYY.gz` GZIP TFRecord shards.
+EXAMPLEGEN_SPLIT_DIR = "Split-{}"
+EXAMPLEGEN_FILE_PREFIX = "data_tfrecord"
+# Our split -> the ExampleGen split names that hold it, in order of preference.
+EXAMPLEGEN_SPLIT_NAMES = {"train": ("train",), "test": ("test", "eval")}
+GZIP_SUFFIX = ".gz"
+
+
+def is_examplegen_layout(data_dir: str) -> bool:
+    """True when `data_dir` holds ExampleGen-style `Split-*/` directories."""
+    return bool(tf.io.gfile.glob(os.path.join(data_dir, EXAMPLEGEN_SPLIT_DIR.format("*"))))
 
 
 def split_files(data_dir: str, split: str) -> list[str]:
-    """Sorted shard paths of `split` (`{split}-*.tfrecord` or `{split}.tfrecord`)."""
+    """Sorted shard paths of `split`.
+
+    `{split}-*.tfrecord` / `{split}.tfrecord`, or in ExampleGen's layout every file of
+    the first existing `Split-<name>/` of `EXAMPLEGEN_SPLIT_NAMES[split]`.
+    """
+    if is_examplegen_layout(data_dir):
+        for name in EXAMPLEGEN_SPLIT_NAMES.get(split, (split,)):
+            split_dir = os.path.join(data_dir, EXAMPLEGEN_SPLIT_DIR.format(name))
+            if tf.io.gfile.isdir(split_dir):
+                return sorted(tf.io.gfile.glob(os.path.join(split_dir, "*")))
+        return []
     files = tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord"))
     single = os.path.join(data_dir, f"{split}.tfrecord")
     if tf.io.gfile.exists(single):
         files.append(single)
     return sorted(files)
+
+
+def compression_type(files: Sequence[str]) -> str:
+    """"GZIP" when every file ends in `.gz`, "" when none does.
+
+    Raises:
+      DataError: a mix of compressed and uncompressed files.
+    """
+    compressed = {path.endswith(GZIP_SUFFIX) for path in files}
+    if len(compressed) > 1:
+        raise DataError(f"{sorted(files)} mix GZIP (.gz) and uncompressed TFRecord files; "
+                        f"expected one kind per split")
+    return "GZIP" if compressed == {True} else ""
 
 
 def _read_metadata(data_dir: str) -> dict:
@@ -71,14 +112,20 @@ def _read_metadata(data_dir: str) -> dict:
     return {}
 
 
+def read_metadata(data_dir: str) -> dict:
+    """`data_dir`'s dataset_info.json (or classes.txt) as a dict; {} when it has neither."""
+    return _read_metadata(data_dir)
+
+
 class _Records:
     """The records of one split, addressable by global position."""
 
     def __init__(self, files: list[str]):
         self.files = files
+        self.compression = compression_type(files)
         self.starts = [0]
         for path in files:
-            self.starts.append(self.starts[-1] + _count_tfrecords(path))
+            self.starts.append(self.starts[-1] + _count_tfrecords(path, self.compression))
 
     @property
     def size(self) -> int:
@@ -89,16 +136,16 @@ class _Records:
         return f"{self.files[index]}, record {position - self.starts[index]}"
 
     def dataset(self) -> tf.data.Dataset:
-        return tf.data.TFRecordDataset(self.files)
+        return tf.data.TFRecordDataset(self.files, compression_type=self.compression)
 
     def example(self, position: int) -> tf.train.Example:
         raw = next(iter(self.dataset().skip(position).take(1))).numpy()
         return tf.train.Example.FromString(raw)
 
 
-def _count_tfrecords(path: str) -> int:
+def _count_tfrecords(path: str, compression: str = "") -> int:
     try:
-        return int(tf.data.TFRecordDataset(path).batch(4096).reduce(
+        return int(tf.data.TFRecordDataset(path, compression_type=compression).batch(4096).reduce(
             np.int64(0), lambda n, batch: n + tf.size(batch, out_type=tf.int64)))
     except tf.errors.OpError as error:
         raise DataError(f"{path}: corrupt or truncated TFRecord file "
@@ -196,8 +243,11 @@ def load(
     for split in SPLITS:
         files = split_files(data_dir, split)
         if not files:
+            names = "/ or ".join(EXAMPLEGEN_SPLIT_DIR.format(name)
+                                 for name in EXAMPLEGEN_SPLIT_NAMES[split])
             raise DataError(f"no TFRecord files for split {split!r} in {data_dir}: expected "
-                            f"{split}-*.tfrecord (e.g. written by pipelines/make_tfrecords.py)")
+                            f"{split}-*.tfrecord (pipelines/make_tfrecords.py) or ExampleGen's "
+                            f"{names}/ (pipelines/make_tfrecords_beam.py)")
         records[split] = _Records(files)
         if records[split].size == 0:
             raise DataError(f"split {split!r} is empty: {files} hold no records "
@@ -273,6 +323,35 @@ def make_example(encoded: bytes, label: int, *, image_key: str = IMAGE_KEY,
     }))
 
 
+def shard_bounds(size: int, num_shards: int) -> list[int]:
+    """Contiguous shard boundaries: shard i holds examples [bounds[i], bounds[i + 1])."""
+    return [size * i // num_shards for i in range(num_shards + 1)]
+
+
+def serialized_examples(
+    dataset: tf.data.Dataset,
+    *,
+    image_format: str = "png",
+    image_key: str = IMAGE_KEY,
+    label_key: str = LABEL_KEY,
+):
+    """Yields one serialized tf.Example per `(uint8 image [H, W, C], label)` of `dataset`.
+
+    Images are encoded as PNG (lossless) or JPEG (quality 95) in parallel, in order.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise DataError(f"image_format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
+    encoded = dataset.map(
+        lambda image, label: (_encode(tf.cast(image, tf.uint8), image_format),
+                              tf.cast(label, tf.int64)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    ).batch(1024).prefetch(tf.data.AUTOTUNE)
+    for images, labels in encoded.as_numpy_iterator():
+        for image, label in zip(images, labels, strict=True):
+            yield make_example(image, label, image_key=image_key,
+                               label_key=label_key).SerializeToString()
+
+
 def write_tfrecords(
     data: tf.data.Dataset | tuple[np.ndarray, np.ndarray],
     out_dir: str,
@@ -312,21 +391,13 @@ def write_tfrecords(
             raise DataError(f"{len(images)} images but {len(labels)} labels; expected equal")
         dataset = tf.data.Dataset.from_tensor_slices((images, labels))
         size = len(labels)
-    encoded = dataset.map(
-        lambda image, label: (_encode(tf.cast(image, tf.uint8), image_format),
-                              tf.cast(label, tf.int64)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-    ).batch(1024).prefetch(tf.data.AUTOTUNE)
     tf.io.gfile.makedirs(out_dir)
     num_shards = max(1, min(num_shards, size))
-    bounds = [size * i // num_shards for i in range(num_shards + 1)]
+    bounds = shard_bounds(size, num_shards)
     paths = [os.path.join(out_dir, f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord")
              for i in range(num_shards)]
-    examples = (
-        make_example(image, label, image_key=image_key, label_key=label_key).SerializeToString()
-        for images, labels in encoded.as_numpy_iterator()
-        for image, label in zip(images, labels, strict=True)
-    )
+    examples = serialized_examples(dataset, image_format=image_format, image_key=image_key,
+                                   label_key=label_key)
     for shard, path in enumerate(paths):
         with tf.io.TFRecordWriter(path) as writer:
             for _ in range(bounds[shard + 1] - bounds[shard]):

@@ -6,6 +6,7 @@
 
 from sokd_tf.distillers.base import Distiller, global_batch_size, prepare_teacher
 from sokd_tf.distillers.dml import MutualLearner
+from sokd_tf.distillers.features import FeatureTerms, default_feature_layers, pair_stages
 from sokd_tf.distillers.kd import KnowledgeDistiller
 from sokd_tf.distillers.optimization import (
     EpochStepDecay,
@@ -20,6 +21,8 @@ from sokd_tf.distillers.vanilla import VanillaTrainer
 METHODS = {
     "vanilla": VanillaTrainer,
     "kd": KnowledgeDistiller,
+    "fitnet": KnowledgeDistiller,  # KD's trainer with CE + hint (config.METHOD_RECIPES)
+    "at": KnowledgeDistiller,  # KD's trainer with CE + attention transfer
     "dml": MutualLearner,
     "sokd": SemiOnlineDistiller,
 }
@@ -28,13 +31,16 @@ __all__ = [
     "METHODS",
     "Distiller",
     "EpochStepDecay",
+    "FeatureTerms",
     "KnowledgeDistiller",
     "MutualLearner",
     "PyTorchSGD",
     "SemiOnlineDistiller",
     "VanillaTrainer",
     "apply_role_gradients",
+    "default_feature_layers",
     "global_batch_size",
     "make_optimizer",
+    "pair_stages",
     "prepare_teacher",
 ]

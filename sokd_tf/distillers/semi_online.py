@@ -7,14 +7,14 @@ arXiv 2111.11747), Sec. 3; docs/METHOD.md, "Objective", "Teacher BatchNorm" and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
 
 from sokd_tf import losses, models
 from sokd_tf.config import LossConfig, TrainConfig
-from sokd_tf.distillers import base
+from sokd_tf.distillers import base, features
 from sokd_tf.errors import ConfigError
 from sokd_tf.models import peer as peer_lib
 
@@ -42,13 +42,27 @@ class SemiOnlineDistiller(base.Distiller):
       teacher_bn_mode: "official" or "frozen".
       from_stage: teacher stage the peer branches from; default the penultimate stage
         (must be the stage the peer was built for).
+      feature_weights: weights of the feature-based extension's terms
+        `student/hint_from_peer`, `student/at_from_peer` (student features learn from
+        the peer's) and `peer/hint_from_teacher`, `peer/at_from_teacher`; default
+        `LossConfig().sokd_feature_weights()` (all 0: off). A term with weight > 0 is
+        added to the loss and logged under its name.
+      feature_layers: role ("teacher", "peer", "student") -> stage layer names in
+        forward order; default each model's named groups. The peer's are its own stages
+        (after `from_stage`): below the branch point the peer path is the frozen teacher,
+        and SOKD has no direct teacher -> student term. See `features` for the pairing
+        rule (deepest stages first: the student's last group pairs with the peer's).
+      feature_pairs: the deepest stage pairs each feature term uses; None = all.
       **kwargs: `keras.Model` arguments (e.g. `name`).
 
     Raises:
-      ConfigError: bad mode or weights, or a peer that does not fit the teacher stage.
+      ConfigError: bad mode or weights, a peer that does not fit the teacher stage, or
+        feature terms that cannot be resolved.
 
-    Metrics: `loss`, the five term names, `peer/top1`, `student/top1` (+ `/top5` when
-    there are more than 5 classes). `call()` returns the student's logits.
+    Metrics: `loss`, the five term names, the active feature terms, `peer/top1`,
+    `student/top1` (+ `/top5` when there are more than 5 classes). `call()` returns the
+    student's logits. Hint regressors belong to their learner's role (its learning rate
+    and L2) and are part of neither exported model.
     """
 
     needs_teacher = True
@@ -57,7 +71,10 @@ class SemiOnlineDistiller(base.Distiller):
                  temperature: float = LossConfig.temperature,
                  weights: Mapping[str, float] | None = None,
                  teacher_bn_mode: str = TrainConfig.teacher_bn_mode,
-                 from_stage: str | None = None, **kwargs):
+                 from_stage: str | None = None,
+                 feature_weights: Mapping[str, float] | None = None,
+                 feature_layers: Mapping[str, Sequence[str]] | None = None,
+                 feature_pairs: int | None = LossConfig.feature_pairs, **kwargs):
         super().__init__(**kwargs)
         self.teacher = teacher
         self.peer = peer
@@ -74,26 +91,54 @@ class SemiOnlineDistiller(base.Distiller):
                 f"{self.from_stage!r} gives {features_shape}; build the peer with "
                 f"build_peer(teacher, from_stage={self.from_stage!r})"
             )
+        self.feature_terms = features.FeatureTerms(
+            LossConfig().sokd_feature_weights() if feature_weights is None else feature_weights,
+            {"teacher": teacher, "peer": peer, "student": student},
+            losses.SOKD_FEATURE_TERMS,
+            feature_layers=feature_layers,
+            max_pairs=feature_pairs,
+        )
+        self.feature_regressors = self.feature_terms.regressors
+        self.teacher_taps = features.tap_model(
+            teacher, self.feature_terms.layers("teacher"), outputs=self.teacher_trunk.outputs,
+            name="teacher_taps",
+        )
+        self.peer_taps = features.tap_model(
+            peer, self.feature_terms.layers("peer"), name="peer_taps"
+        )
+        self.student_taps = features.tap_model(
+            student, self.feature_terms.layers("student"), name="student_taps"
+        )
+        weights = LossConfig().sokd_weights() if weights is None else weights
         self._setup(
-            term_names=losses.SOKD_TERMS,
-            weights=LossConfig().sokd_weights() if weights is None else weights,
+            term_names=(*losses.SOKD_TERMS, *self.feature_terms.names),
+            weights={**weights, **self.feature_terms.weights},
             trained_roles=("peer", "student"),
             num_classes=student.output.shape[-1],
         )
+
+    @property
+    def role_variables(self):
+        return self.feature_terms.add_role_variables(super().role_variables)
 
     def call(self, images, training=False):
         return self.student(images, training=training)
 
     def forward(self, images, labels, training):
-        """All three roles' logits and the per-example SOKD terms."""
-        teacher_features, teacher_logits = self.teacher_trunk(
+        """All three roles' logits and the per-example SOKD (and feature) terms."""
+        (teacher_features, teacher_logits), teacher_stages = self.teacher_taps(
             images, training=self.teacher_training and training
         )
-        peer_logits = self.peer(tf.stop_gradient(teacher_features), training=training)
-        student_logits = self.student(images, training=training)
+        peer_logits, peer_stages = self.peer_taps(
+            tf.stop_gradient(teacher_features), training=training
+        )
+        student_logits, student_stages = self.student_taps(images, training=training)
         terms = losses.sokd_loss_terms(
             teacher_logits, peer_logits, student_logits, labels, self.temperature
         )
+        terms.update(self.feature_terms(
+            {"teacher": teacher_stages, "peer": peer_stages, "student": student_stages}
+        ))
         return terms, {"peer": peer_logits, "student": student_logits}
 
     def get_config(self):
@@ -103,9 +148,10 @@ class SemiOnlineDistiller(base.Distiller):
             "peer": base.serialize(self.peer),
             "student": base.serialize(self.student),
             "temperature": self.temperature,
-            "weights": dict(self.loss_weights_by_term),
+            "weights": {name: self.loss_weights_by_term[name] for name in losses.SOKD_TERMS},
             "teacher_bn_mode": self.teacher_bn_mode,
             "from_stage": self.from_stage,
+            **self.feature_terms.config(),
         }
 
     @classmethod

@@ -2,7 +2,8 @@
 
 Main entry: `export_student(student, info, export_dir, export_config, *,
 train_images_uint8, test_images_uint8, test_labels) -> report`; `load_student(path)`
-turns load failures into `ExportError`. The pieces (`export_saved_model`,
+turns load failures into `ExportError`. Beside each `.tflite` file the export writes
+`labels.txt` and `<variant>.model_card.json` (see `model_card.py`). The pieces (`export_saved_model`,
 `convert_tflite`, `evaluate_tflite`, `quantization_aware_finetune`) are importable alone.
 """
 

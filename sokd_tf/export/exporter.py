@@ -2,11 +2,13 @@
 
     export_dir/serving/<model_name>/<version>/   SavedModel (TF Serving layout)
     export_dir/tflite/<variant>.tflite           LiteRT files, raw-pixel inputs
+    export_dir/tflite/<variant>.model_card.json  each file's input/output contract
+    export_dir/tflite/labels.txt                 class names, line i = class i
     export_dir/report.json                       sizes, accuracies, agreement, latencies
 
 Everything is validated before anything is written, and a failure part-way removes what
-this call created (the new version directory, staged .tflite files), so a bad input
-leaves the export directory as it was.
+this call created (the new version directory, staged .tflite files, cards and labels),
+so a bad input leaves the export directory as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tensorflow as tf
 from sokd_tf.config import ExportConfig
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.errors import ConfigError, ExportError
-from sokd_tf.export import qat, saved_model, serving, tflite
+from sokd_tf.export import model_card, qat, saved_model, serving, tflite
 from sokd_tf.export.preprocess import check_images, check_student, normalize_numpy
 from sokd_tf.export.report import add_ratios
 from sokd_tf.models import precision
@@ -131,6 +133,7 @@ def export_student(
     train_images_uint8: np.ndarray,
     test_images_uint8: np.ndarray,
     test_labels: np.ndarray,
+    source_model_file: str | None = None,
 ) -> dict:
     """Writes the SavedModel, every configured .tflite variant and `report.json`.
 
@@ -144,6 +147,7 @@ def export_student(
         dataset (`representative_size` drawn from them) and the QAT fine-tune data.
       test_images_uint8: `[m, H, W, C]` raw test images for verification.
       test_labels: `[m]` integer labels.
+      source_model_file: the student's `.keras` file, named in the model cards.
 
     Returns:
       The report (also written to `export_dir/report.json`).
@@ -170,7 +174,7 @@ def export_student(
         return _export_checked_student(
             float32_student, info, export_dir, export_config,
             train_images_uint8=train_images_uint8, test_images_uint8=test_images_uint8,
-            test_labels=test_labels,
+            test_labels=test_labels, source_model_file=source_model_file,
         )
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -178,7 +182,7 @@ def export_student(
 
 def _export_checked_student(
     student, info, export_dir, export_config, *, train_images_uint8, test_images_uint8,
-    test_labels,
+    test_labels, source_model_file,
 ) -> dict:
     """`export_student` after the student check, in float32."""
     needs_training_images = any(
@@ -230,7 +234,7 @@ def _export_checked_student(
                 "signatures": ["serving_default", serving.EXAMPLES_SIGNATURE],
                 "inputs": {
                     "serving_default": f"{serving.IMAGES_INPUT}: uint8 [batch, "
-                    f"{', '.join(map(str, info.image_shape))}] raw pixels",
+                    f"{', '.join(map(str, info.raw_image_shape))}] raw pixels",
                     serving.EXAMPLES_SIGNATURE: f"{serving.EXAMPLES_INPUT}: serialized "
                     "tf.Example strings [batch] with PNG/JPEG bytes under image/encoded",
                 },
@@ -250,12 +254,18 @@ def _export_checked_student(
                 latency_runs=export_config.latency_runs,
             )
         add_ratios(report)
+        staged_names = _stage_cards(student, info, export_config, staged, report, staging,
+                                    source_model_file)
         tflite_dir = os.path.join(export_dir, workdir_lib.TFLITE_DIR)
         os.makedirs(tflite_dir, exist_ok=True)
-        for variant, path in staged.items():
-            final = os.path.join(tflite_dir, f"{variant}.tflite")
-            os.replace(path, final)
-            report["tflite"][variant]["path"] = final
+        for name in staged_names:
+            os.replace(os.path.join(staging, name), os.path.join(tflite_dir, name))
+        for variant in staged:
+            report["tflite"][variant].update(
+                path=os.path.join(tflite_dir, f"{variant}.tflite"),
+                model_card=os.path.join(tflite_dir, model_card.model_card_name(variant)),
+                labels=os.path.join(tflite_dir, model_card.LABELS_FILE),
+            )
         workdir_lib.write_json(os.path.join(export_dir, workdir_lib.EXPORT_REPORT), report)
     except BaseException:
         for path in created:
@@ -264,6 +274,29 @@ def _export_checked_student(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _stage_cards(student, info, export_config, staged, report, staging, source_model_file):
+    """Writes labels.txt and a model card per staged variant; returns every staged name."""
+    source = {
+        "name": student.name,
+        "parameters": int(student.count_params()),
+        "file": os.path.basename(source_model_file) if source_model_file else None,
+    }
+    def write_labels(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(model_card.labels_text(info))
+
+    workdir_lib.atomic_write(os.path.join(staging, model_card.LABELS_FILE), write_labels)
+    names = [model_card.LABELS_FILE]
+    for variant, path in staged.items():
+        card = model_card.model_card(
+            path, variant, info, model_name=export_config.model_name, source_model=source,
+            evaluation=report["tflite"][variant],
+        )
+        workdir_lib.write_json(os.path.join(staging, model_card.model_card_name(variant)), card)
+        names += [os.path.basename(path), model_card.model_card_name(variant)]
+    return names
 
 
 def _convert_variants(student, info, export_config, train_images_uint8, staging, report):

@@ -1,6 +1,7 @@
 """LiteRT (.tflite) conversion of a student and its verification with the interpreter.
 
-Every variant takes raw pixels, so no client ever normalises:
+Every variant takes the dataset's raw pixels (`info.raw_image_shape`; a training-time
+resize or channel repeat is inside the graph), so no client ever preprocesses:
   - `fp32`, `fp16` (float16 weights), `dynamic_int8` (int8 weights, float kernels),
     `int8_float_io` (full-integer kernels, float32 I/O): float32 `[batch, H, W, C]`
     pixels in [0, 255] -> float32 logits.
@@ -12,12 +13,23 @@ Only builtin ops are allowed (no SELECT_TF_OPS), so mobile apps need no Flex del
 The model's single output is `logits` `[batch, num_classes]`; softmax/argmax are left to
 the app.
 
+`graph_ops` lists a file's ops with their tensor types and `integer_graph_problems` checks
+that a full-integer file is int8 from end to end: its only QUANTIZE/DEQUANTIZE ops are
+the ones converting the model's input and output. The pre-activation WRN students
+convert to that shape: BN that follows a convolution is folded into it, BN on a
+residual sum becomes an int8 MUL + ADD, and the folded normalisation an int8 MUL + SUB
+(exact only as separate ops: zero padding of normalised pixels is not zero padding of
+raw ones). XNNPACK (LiteRT's default CPU delegate) takes every int8 op between the two
+boundary conversions; `LiteRTClassifier(delegate="builtin")` runs LiteRT's own kernels.
+
 Reference: LiteRT post-training quantization guide (representative dataset,
 `TFLITE_BUILTINS_INT8`, `inference_input_type`).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import tempfile
 import time
@@ -43,7 +55,7 @@ def raw_pixel_saved_model(model: Callable, info: DatasetInfo, path: str) -> str:
     `logits`. Converting from a SavedModel (rather than a concrete function) embeds the
     weights as constants for Keras 3 and tf_keras models alike.
     """
-    spec = tf.TensorSpec((None, *info.image_shape), tf.float32, name=INPUT_NAME)
+    spec = tf.TensorSpec((None, *info.raw_image_shape), tf.float32, name=INPUT_NAME)
 
     def predict(pixels):
         logits = model(normalize_pixels(pixels, info), training=False)
@@ -153,18 +165,106 @@ def write_tflite(flatbuffer: bytes, path: str) -> str:
     return path
 
 
+# How LiteRT's CPU kernels are chosen: "xnnpack" (the default delegate, as apps get it),
+# "xnnpack_latest" (the same with its newest operators on, e.g. dynamic-range int8
+# kernels) or "builtin" (LiteRT's own kernels, no default delegate).
+DELEGATES = ("xnnpack", "xnnpack_latest", "builtin")
+
+
+def _interpreter(path: str, *, num_threads: int = 1, delegate: str = "xnnpack"):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    if delegate not in DELEGATES:
+        raise ExportError(f"LiteRT delegate must be one of {list(DELEGATES)}, got {delegate!r}")
+    resolver = (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if delegate == "builtin"
+                else OpResolverType.AUTO)
+    return Interpreter(
+        model_path=path, num_threads=num_threads, experimental_op_resolver_type=resolver,
+        experimental_default_delegate_latest_features=delegate == "xnnpack_latest",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphOp:
+    """One op of a .tflite graph: its type and the element types of its tensors."""
+
+    index: int
+    op_name: str
+    input_dtypes: tuple[str, ...]
+    output_dtypes: tuple[str, ...]
+    reads_graph_input: bool
+    writes_graph_output: bool
+
+
+def graph_ops(path: str) -> list[GraphOp]:
+    """The ops of a .tflite file in execution order, as converted (before any delegate)."""
+    interpreter = _interpreter(path, delegate="builtin")
+    tensors = interpreter.get_tensor_details()
+    inputs = {detail["index"] for detail in interpreter.get_input_details()}
+    outputs = {detail["index"] for detail in interpreter.get_output_details()}
+
+    def dtypes(indices):
+        return tuple(np.dtype(tensors[i]["dtype"]).name for i in indices if i >= 0)
+
+    return [
+        GraphOp(
+            index=op["index"],
+            op_name=op["op_name"],
+            input_dtypes=dtypes(op["inputs"]),
+            output_dtypes=dtypes(op["outputs"]),
+            reads_graph_input=bool(inputs & set(op["inputs"])),
+            writes_graph_output=bool(outputs & set(op["outputs"])),
+        )
+        for op in interpreter._get_ops_details()
+    ]
+
+
+def op_counts(path: str) -> dict[str, int]:
+    """Op type -> how many, e.g. `{"CONV_2D": 9, "ADD": 7, "QUANTIZE": 2, ...}`."""
+    return dict(collections.Counter(op.op_name for op in graph_ops(path)).most_common())
+
+
+# Element types an int8 kernel may touch: int8 activations and weights, int32 biases and
+# shape/axis operands.
+_INTEGER_KERNEL_DTYPES = frozenset({"int8", "int32"})
+
+
+def integer_graph_problems(path: str) -> list[str]:
+    """What keeps a full-integer .tflite file from being int8 end to end ([] = nothing).
+
+    A problem is a non-builtin op (Flex, CUSTOM), an op with a tensor other than int8 /
+    int32 (a float fallback), or a QUANTIZE/DEQUANTIZE that does not convert the
+    model's own input or output (an avoidable round trip inside the graph).
+    """
+    problems = []
+    for op in graph_ops(path):
+        if op.op_name.startswith("Flex") or op.op_name == "CUSTOM":
+            problems.append(f"op {op.index} {op.op_name}: not a builtin op")
+        elif op.op_name in ("QUANTIZE", "DEQUANTIZE"):
+            if not (op.reads_graph_input or op.writes_graph_output):
+                problems.append(f"op {op.index} {op.op_name}: a conversion inside the graph "
+                                f"({op.input_dtypes} -> {op.output_dtypes})")
+        else:
+            other = sorted(set(op.input_dtypes + op.output_dtypes) - _INTEGER_KERNEL_DTYPES)
+            if other:
+                problems.append(f"op {op.index} {op.op_name}: {', '.join(other)} tensors "
+                                f"({op.input_dtypes} -> {op.output_dtypes})")
+    return problems
+
+
 class LiteRTClassifier:
     """Runs a raw-pixel .tflite student with `ai_edge_litert` on raw uint8 images.
 
     Handles float and quantized inputs/outputs so every variant is fed the same raw
-    pixels and returns float logits.
+    pixels and returns float logits. `delegate` is one of `DELEGATES` (the default is
+    what apps get; the others are for latency comparisons).
     """
 
-    def __init__(self, path: str, *, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
-
+    def __init__(self, path: str, *, num_threads: int = 1, delegate: str = "xnnpack"):
         self.path = path
-        self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+        self.num_threads = num_threads
+        self.delegate = delegate
+        self.interpreter = _interpreter(path, num_threads=num_threads, delegate=delegate)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self._batch = None
@@ -247,7 +347,7 @@ def evaluate_tflite(
     Returns:
       Dict with `file`, `size_bytes`, `top1`, `agreement` (None without reference),
       `latency_ms_median`, `latency_runs`, `input_dtype`, `input_quantization`,
-      `num_examples`.
+      `num_examples`, `op_counts`.
     """
     classifier = LiteRTClassifier(path, num_threads=1)
     classes = np.argmax(classifier.logits(images_uint8), axis=-1)
@@ -266,6 +366,7 @@ def evaluate_tflite(
         "input_dtype": classifier.input_dtype,
         "input_quantization": {"scale": scale, "zero_point": zero_point},
         "num_examples": int(len(labels)),
+        "op_counts": op_counts(path),
     }
 
 

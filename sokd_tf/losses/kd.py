@@ -92,25 +92,37 @@ def kd_loss_terms(teacher_logits, student_logits, labels, temperature=4.0):
     }
 
 
-def weighted_total(terms: Mapping, weights: Mapping[str, float], global_batch_size):
-    """sum_k weights[k] * sum_batch(terms[k]) / global_batch_size.
+def weighted_total(terms: Mapping, weights: Mapping[str, float], global_batch_size,
+                   sample_weight=None):
+    """sum_k weights[k] * sum_i w_i * terms[k][i] / global_batch_size.
 
     With `global_batch_size` the step's actual global batch (all replicas, a short last
     batch included), the sum of this value over replicas is the weighted batch mean, so N
     replicas compute the same update as one device.
 
+    Sample weights `w_i` scale each example's terms; the denominator stays the number of
+    examples, not `sum(w)` (Keras' "sum_over_batch_size" reduction): a weight of 0 removes
+    an example's contribution without renormalising the others.
+
     Args:
       terms: name -> per-example `[batch]` values.
       weights: name -> float, one entry for every term.
       global_batch_size: scalar.
+      sample_weight: per-example weights `[batch]`; None means all 1.
 
     Returns:
       Scalar float32.
 
     Raises:
       KeyError: a term has no weight.
+
+    Example (hand values): terms `{"a": [1, 3]}`, weights `{"a": 2}`, sample weights
+    `[1, 0]`, global batch 2 -> 2 * (1 * 1 + 0 * 3) / 2 = 1.
     """
     total = 0.0
     for name, values in terms.items():
-        total = total + float(weights[name]) * ops.sum(ops.cast(values, "float32"))
+        values = ops.cast(values, "float32")
+        if sample_weight is not None:
+            values = values * ops.cast(sample_weight, "float32")
+        total = total + float(weights[name]) * ops.sum(values)
     return total / ops.cast(global_batch_size, "float32")

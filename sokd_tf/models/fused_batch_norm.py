@@ -16,6 +16,10 @@ back to the stock computation where the fused kernel does not apply: synchronize
 (cross-replica) BN, masks, renormalisation, inputs that are not 4-D with channels last,
 or a backend other than TensorFlow.
 
+`BATCH_NORM_LAYERS` maps `ModelConfig.batch_norm` ("fused" or "stock") to the class the
+model builders build, and `with_batch_norm` switches a built or loaded model between
+them (weights unchanged).
+
 Reference: Ioffe & Szegedy, "Batch Normalization" (ICML 2015); TensorFlow
 `tf.compat.v1.nn.fused_batch_norm`.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from sokd_tf.errors import ConfigError
 
 
 @keras.saving.register_keras_serializable(package="sokd_tf")
@@ -80,3 +86,76 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                 epsilon=self.epsilon, data_format="NHWC", is_training=False,
             )
         return tf.cast(outputs, self.compute_dtype)
+
+
+# `ModelConfig.batch_norm` (resolved: "auto" is decided in sokd_tf/runtime/cpu.py) -> layer.
+BATCH_NORM_LAYERS = {
+    "fused": FusedBatchNormalization,
+    "stock": keras.layers.BatchNormalization,
+}
+
+
+def batch_norm_layer(kind: str) -> type[keras.layers.BatchNormalization]:
+    """The BatchNormalization class of a resolved `ModelConfig.batch_norm`.
+
+    Raises:
+      ConfigError: "auto" (resolve it with `sokd_tf.runtime.cpu.resolve_batch_norm`
+        first) or an unknown name.
+    """
+    if kind not in BATCH_NORM_LAYERS:
+        raise ConfigError(
+            f"model.batch_norm must be one of {list(BATCH_NORM_LAYERS)} when a model is "
+            f"built (resolve 'auto' with sokd_tf.runtime.cpu.resolve_batch_norm), got {kind!r}"
+        )
+    return BATCH_NORM_LAYERS[kind]
+
+
+def _class_identity(layer_class) -> dict:
+    serialized = keras.saving.serialize_keras_object(layer_class())
+    return {key: serialized[key] for key in ("module", "class_name", "registered_name")}
+
+
+def _swap_batch_norm(model_config: dict, identities: list[dict], target: dict) -> int:
+    swapped = 0
+    for layer in model_config["layers"]:
+        if "layers" in layer["config"]:  # a nested functional model
+            swapped += _swap_batch_norm(layer["config"], identities, target)
+        identity = {key: layer.get(key) for key in target}
+        if identity in identities and identity != target:
+            layer.update(target)
+            swapped += 1
+    return swapped
+
+
+def with_batch_norm(model: keras.Model, kind: str) -> keras.Model:
+    """`model` with every BatchNormalization layer of `BATCH_NORM_LAYERS` of class `kind`.
+
+    Both classes have the same arguments, weights and maths, so a model trained with one
+    runs, trains and saves with the other: a teacher file loaded for a distillation
+    follows the run's `model.batch_norm`. Other BatchNormalization subclasses are kept.
+
+    Args:
+      model: a functional Keras model.
+      kind: "fused" or "stock".
+
+    Returns:
+      `model` itself when no layer changes class, else a new functional model with the
+      same name, architecture, dtype policies and weights.
+
+    Raises:
+      ConfigError: an unknown `kind`, or a model that cannot be rebuilt from its config.
+    """
+    target = _class_identity(batch_norm_layer(kind))
+    identities = [_class_identity(layer_class) for layer_class in BATCH_NORM_LAYERS.values()]
+    serialized = keras.saving.serialize_keras_object(model)
+    if not _swap_batch_norm(serialized["config"], identities, target):
+        return model
+    try:
+        rebuilt = keras.saving.deserialize_keras_object(serialized)
+        rebuilt.set_weights(model.get_weights())
+    except Exception as err:  # Keras raises many types for a config it cannot rebuild.
+        raise ConfigError(
+            f"cannot rebuild model {model.name!r} with {kind} BatchNormalization (it is "
+            f"rebuilt from its config): {type(err).__name__}: {err}"
+        ) from err
+    return rebuilt

@@ -18,53 +18,11 @@ from __future__ import annotations
 import keras
 
 from sokd_tf.errors import ConfigError
-from sokd_tf.models.fused_batch_norm import FusedBatchNormalization
-
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 in Keras' convention.
-
-
-def conv_initializer() -> keras.initializers.Initializer:
-    """He-normal with fan_out, untruncated (PyTorch `kaiming_normal_(mode="fan_out")`)."""
-    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-
-
-def dense_initializer() -> keras.initializers.Initializer:
-    """PyTorch's default `nn.Linear` weight init: uniform(+-1/sqrt(fan_in))."""
-    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def batch_norm(name: str, synchronized_bn: bool) -> keras.layers.Layer:
-    """Keras' BatchNormalization maths through TensorFlow's fused kernel.
-
-    `FusedBatchNormalization` is a drop-in subclass (same weights, config and outputs);
-    synchronized BN takes Keras' own path. See sokd_tf/models/fused_batch_norm.py.
-    """
-    return FusedBatchNormalization(
-        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized_bn, name=name
-    )
-
-
-def conv3x3(x, filters: int, stride: int, name: str):
-    """3x3 convolution, no bias, padding 1 exactly as PyTorch."""
-    if stride == 1:
-        padding = "same"
-    else:
-        x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
-        padding = "valid"
-    return keras.layers.Conv2D(
-        filters,
-        3,
-        strides=stride,
-        padding=padding,
-        use_bias=False,
-        kernel_initializer=conv_initializer(),
-        name=name,
-    )(x)
+from sokd_tf.models.layers import batch_norm, conv3x3, conv_initializer, logits_layer
 
 
 def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: bool,
-                output_name: str | None = None):
+                batch_norm_kind: str = "fused", output_name: str | None = None):
     """Pre-activation basic block of the official WRN.
 
     When the channel count changes, the shortcut is a 1x1 stride-s convolution of the
@@ -76,13 +34,14 @@ def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: boo
       stride: stride of the first convolution (and of the projection).
       name: prefix of the block's layer names.
       synchronized_bn: synchronized BatchNormalization across replicas.
+      batch_norm_kind: "fused" or "stock" (see `batch_norm`).
       output_name: name of the final Add layer (a stage name for the last block).
 
     Returns:
       `[batch, H / stride, W / stride, filters]`.
     """
     equal_in_out = x.shape[-1] == filters
-    activated = batch_norm(f"{name}_bn1", synchronized_bn)(x)
+    activated = batch_norm(f"{name}_bn1", synchronized_bn, batch_norm_kind)(x)
     activated = keras.layers.ReLU(name=f"{name}_relu1")(activated)
     if equal_in_out:
         if stride != 1:
@@ -99,24 +58,18 @@ def basic_block(x, filters: int, stride: int, name: str, *, synchronized_bn: boo
             name=f"{name}_shortcut",
         )(activated)
     out = conv3x3(activated, filters, stride, f"{name}_conv1")
-    out = batch_norm(f"{name}_bn2", synchronized_bn)(out)
+    out = batch_norm(f"{name}_bn2", synchronized_bn, batch_norm_kind)(out)
     out = keras.layers.ReLU(name=f"{name}_relu2")(out)
     out = conv3x3(out, filters, 1, f"{name}_conv2")
     return keras.layers.Add(name=output_name or f"{name}_add")([shortcut, out])
 
 
-def wide_resnet_head(x, num_classes: int, *, synchronized_bn: bool):
+def wide_resnet_head(x, num_classes: int, *, synchronized_bn: bool, batch_norm_kind: str = "fused"):
     """Final BN -> ReLU -> global average pool (`features`) -> dense (`logits`, float32)."""
-    x = batch_norm("final_bn", synchronized_bn)(x)
+    x = batch_norm("final_bn", synchronized_bn, batch_norm_kind)(x)
     x = keras.layers.ReLU(name="final_relu")(x)
     x = keras.layers.GlobalAveragePooling2D(name="features")(x)
-    return keras.layers.Dense(
-        num_classes,
-        kernel_initializer=dense_initializer(),
-        bias_initializer="zeros",
-        dtype="float32",
-        name="logits",
-    )(x)
+    return logits_layer(x, num_classes)
 
 
 def wide_resnet(
@@ -126,6 +79,7 @@ def wide_resnet(
     num_classes: int,
     *,
     synchronized_bn: bool = False,
+    batch_norm_kind: str = "fused",
     name: str | None = None,
 ) -> keras.Model:
     """Builds WRN-`depth`-`widen_factor`.
@@ -136,6 +90,8 @@ def wide_resnet(
       input_shape: (H, W, C) of the normalised float32 images.
       num_classes: output logits.
       synchronized_bn: use `BatchNormalization(synchronized=True)` (multi-replica).
+      batch_norm_kind: "fused" (`FusedBatchNormalization`, the default) or "stock"
+        (`keras.layers.BatchNormalization`); same weights and outputs either way.
       name: model name; default `wrn_{depth}_{widen_factor}`.
 
     Returns:
@@ -167,19 +123,22 @@ def wide_resnet(
                 stride if block == 1 else 1,
                 f"group{group}_block{block}",
                 synchronized_bn=synchronized_bn,
+                batch_norm_kind=batch_norm_kind,
                 output_name=f"group{group}" if last else None,
             )
-    logits = wide_resnet_head(x, num_classes, synchronized_bn=synchronized_bn)
+    logits = wide_resnet_head(
+        x, num_classes, synchronized_bn=synchronized_bn, batch_norm_kind=batch_norm_kind
+    )
     return keras.Model(images, logits, name=name or f"wrn_{depth}_{widen_factor}")
 
 
 def make_builder(depth: int, widen_factor: int):
     """A `BUILDERS` entry for WRN-`depth`-`widen_factor`."""
 
-    def build(input_shape, num_classes, *, synchronized_bn=False, name=None):
+    def build(input_shape, num_classes, *, synchronized_bn=False, batch_norm="fused", name=None):
         return wide_resnet(
             depth, widen_factor, input_shape, num_classes,
-            synchronized_bn=synchronized_bn, name=name,
+            synchronized_bn=synchronized_bn, batch_norm_kind=batch_norm, name=name,
         )
 
     build.__name__ = f"wrn_{depth}_{widen_factor}"

@@ -74,14 +74,20 @@ def set_precision(precision: str) -> keras.DTypePolicy:
     "mixed_float16" (bfloat16 has float32's exponent range and needs no loss scaling).
 
     Args:
-      precision: one of `sokd_tf.config.PRECISIONS`.
+      precision: one of `sokd_tf.config.PRECISIONS` other than "auto" (resolve that with
+        `sokd_tf.runtime.cpu.resolve_precision` first, as `stages.fit.setup_runtime` does).
 
     Returns:
       The policy now in force.
 
     Raises:
-      ConfigError: unknown precision.
+      ConfigError: unknown precision, or "auto".
     """
+    if precision == "auto":
+        raise ConfigError(
+            "train.precision 'auto' must be resolved before it is set "
+            "(sokd_tf.runtime.cpu.resolve_precision)"
+        )
     if precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {precision!r}")
     keras.config.set_dtype_policy(precision)

@@ -38,13 +38,16 @@ _RATE_FIELDS = {
 }
 
 
-def likely_fix(train: TrainConfig, roles, term: str) -> tuple[str, list[str]]:
+def likely_fix(train: TrainConfig, roles, term: str, *,
+               precision: str | None = None) -> tuple[str, list[str]]:
     """The likely fix of a divergence in `term`, and the fields a continuation changes.
 
     Args:
       train: the stage's training config.
       roles: the roles the stage trains (the rates to lower when `term` names none).
       term: the offending check, e.g. `student/ce` or `peer/gradient_norm`.
+      precision: the dtype policy the stage trained in (what `train.precision="auto"`
+        resolved to); None = `train.precision`.
 
     Returns:
       (one clause for the error line, dotted config fields it suggests changing).
@@ -54,10 +57,11 @@ def likely_fix(train: TrainConfig, roles, term: str) -> tuple[str, list[str]]:
     rates = " and ".join(f"--{field} (now {getattr(train, field):g})" for field in fields)
     fix = f"the learning rate is likely too high: lower {rates}"
     changed = [f"train.{field}" for field in fields]
-    if train.precision == "mixed_float16":
+    precision = precision or train.precision
+    if precision == "mixed_float16":
         fix += ", or train in --precision=mixed_bfloat16 or float32 (float16 overflows above 65504)"
         changed.append("train.precision")
-    elif train.precision == "mixed_bfloat16":
+    elif precision == "mixed_bfloat16":
         fix += ", or train in --precision=float32"
         changed.append("train.precision")
     return fix, changed

@@ -7,9 +7,10 @@ import os
 import keras
 import numpy as np
 
-from sokd_tf.config import RunConfig
+from sokd_tf.config import ModelConfig, RunConfig
 from sokd_tf.data import ImageDataset
-from sokd_tf.errors import UserError
+from sokd_tf.models import specs
+from sokd_tf.stages import teacher
 from sokd_tf.stages import workdir as workdir_lib
 
 
@@ -38,14 +39,20 @@ def evaluate_model(model: keras.Model, data) -> dict[str, float]:
     return results
 
 
-def load_model(path: str) -> keras.Model:
-    """Loads a `.keras` model (safe mode on); a missing or bad file raises UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"model file {path!r} does not exist")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a bad file.
-        raise UserError(f"cannot load model {path!r}: {error}") from None
+def load_model(path: str, model_config: ModelConfig | None = None) -> keras.Model:
+    """Loads a `.keras` model in Keras' safe mode (see `models.specs.load_keras_file`).
+
+    `model_config`'s `trust_custom_code` / `custom_modules` apply (the run's own opt-ins
+    for the user's files carry over to the checkpoints made from them).
+
+    Raises:
+      ConfigError: missing or bad file, or code / custom classes without the opt-in.
+    """
+    model_config = model_config or ModelConfig()
+    return specs.load_keras_file(
+        path, trust_custom_code=model_config.trust_custom_code,
+        custom_modules=model_config.custom_modules,
+    )
 
 
 # Every model a run may save, in report order: (name in evaluation.json, file stem, which).
@@ -64,19 +71,23 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
     """Test top-1/top-5 of every model the run saved; writes `evaluation.json`.
 
     The teacher file distilled from, the teacher stage's validation-best teacher, and
-    every `distill/*_{best,last}.keras` (student, DML's or SOKD's peer, SOKD's
+    every `distill/*_{best,last}.keras` that takes images (student, DML's peer, SOKD's
+    reconstructed teacher; SOKD's peer takes teacher features and is evaluated as the
     reconstructed teacher), each loaded from disk.
     """
     paths = workdir_lib.Workdir(workdir)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
-    candidates = {"teacher": config.model.teacher_checkpoint or paths.teacher_checkpoint}
+    candidates = {"teacher": teacher.teacher_path(config, workdir) or paths.teacher_checkpoint}
     for name, stem, which in SAVED_MODELS:
         stage = paths.teacher if stem == "teacher" else paths.distill
         candidates[name] = stage.model(stem, which)
     results = {}
     for name, path in candidates.items():
-        if os.path.exists(path):
-            model = load_model(path)
-            results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}
+        if not os.path.exists(path):
+            continue
+        model = load_model(path, config.model)
+        if tuple(model.input_shape[1:]) != tuple(dataset.info.image_shape):
+            continue  # SOKD's peer takes teacher features; reconstructed_teacher is its image model.
+        results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}
     workdir_lib.write_json(paths.evaluation, results)
     return results

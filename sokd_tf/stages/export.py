@@ -43,4 +43,5 @@ def export_stage(config: RunConfig, workdir: str, dataset: ImageDataset, student
         train_images_uint8=train_images,
         test_images_uint8=test_images,
         test_labels=test_labels,
+        source_model_file=student_path,
     )

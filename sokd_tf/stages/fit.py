@@ -2,7 +2,8 @@
 
 The whole story of a training stage, in order:
 
-1. `setup_runtime`: seeds, op determinism, the dtype policy and the strategy.
+1. `setup_runtime`: seeds, op determinism, the machine's "auto" choices (precision and
+   BatchNorm implementation, printed once), the dtype policy and the strategy.
 2. The stage builds its trainer (a distiller) inside `strategy.scope()` and compiles it.
 3. `fit_stage`: asks the runtime where this process writes and which epoch it resumes
    at (`runtime.loop.resumable_fit`), builds the epoch-seeded training data from that
@@ -19,15 +20,17 @@ Reference: docs/METHOD.md, "Optimisation" and "Protocol".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import sys
 
 import keras
 import tensorflow as tf
 
 from sokd_tf.config import RunConfig
 from sokd_tf.data import ImageDataset
-from sokd_tf.runtime import loop
+from sokd_tf.runtime import cpu, loop
 from sokd_tf.runtime import strategy as strategy_lib
 from sokd_tf.stages import callbacks, divergence
 from sokd_tf.stages import workdir as workdir_lib
@@ -35,18 +38,72 @@ from sokd_tf.stages import workdir as workdir_lib
 PAPER_SELECTION = "best on test, as the paper reports"
 
 
-def setup_runtime(config: RunConfig, strategy: tf.distribute.Strategy | None = None):
-    """Seeds, precision policy and strategy for a stage; returns the strategy.
+@dataclasses.dataclass(frozen=True)
+class RuntimeChoices:
+    """What the run's "auto" settings became on this machine.
 
-    `strategy` is one the caller already made: a process creates its strategy once
-    (a multi-worker or TPU strategy cannot be set up twice), `stages.run.run` passes it
-    to every stage. None = make `config.train.strategy`'s.
+    Attributes:
+      precision: the Keras dtype policy in force (`train.precision` resolved).
+      batch_norm: "fused" or "stock" (`model.batch_norm` resolved).
+      machine: the detected CPU features and GPUs.
+    """
+
+    precision: str
+    batch_norm: str
+    machine: cpu.MachineFeatures
+
+    def record(self) -> dict:
+        """The fields a stage adds to its `results.json`."""
+        return {
+            "precision_used": self.precision,
+            "batch_norm_used": self.batch_norm,
+            "machine": self.machine.to_dict(),
+        }
+
+
+@functools.cache
+def print_once(line: str, *, warning: bool = False) -> None:
+    """Prints `line` the first time it comes (stderr for warnings): a run's stages all
+    resolve the same choices, and the console should say so once."""
+    print(line, file=sys.stderr if warning else sys.stdout, flush=True)
+
+
+def setup_runtime(
+    config: RunConfig,
+    strategy: tf.distribute.Strategy | None = None,
+    *,
+    machine: cpu.MachineFeatures | None = None,
+) -> tuple[tf.distribute.Strategy, RuntimeChoices]:
+    """Seeds, the "auto" choices, the precision policy and the strategy for a stage.
+
+    Args:
+      config: the run's config.
+      strategy: one the caller already made: a process creates its strategy once (a
+        multi-worker or TPU strategy cannot be set up twice), `stages.run.run` passes it
+        to every stage. None = make `config.train.strategy`'s.
+      machine: the machine's features; None = `cpu.detect()`.
+
+    Returns:
+      (strategy, the resolved `RuntimeChoices`). The precision line (`precision auto ->
+      float32 (CPU: ..., no AVX512-BF16)`) or the warning for `mixed_bfloat16` without
+      native bfloat16 is printed once per process.
     """
     keras.utils.set_random_seed(config.train.seed)
     if config.data.deterministic:
         tf.config.experimental.enable_op_determinism()
-    strategy_lib.set_precision(config.train.precision)
-    return strategy if strategy is not None else strategy_lib.make_strategy(config.train.strategy)
+    machine = machine if machine is not None else cpu.detect()
+    precision = cpu.resolve_precision(config.train.precision, machine, strategy=config.train.strategy)
+    if precision.message:
+        print_once(precision.message, warning=precision.warning)
+    strategy_lib.set_precision(precision.policy)
+    choices = RuntimeChoices(
+        precision=precision.policy,
+        batch_norm=cpu.resolve_batch_norm(config.model.batch_norm, machine),
+        machine=machine,
+    )
+    if strategy is None:
+        strategy = strategy_lib.make_strategy(config.train.strategy)
+    return strategy, choices
 
 
 def steps_per_epoch(config: RunConfig, dataset: ImageDataset) -> int:
@@ -113,7 +170,8 @@ def fit_stage(trainer, *, stage, config, dataset, strategy, stage_dir, epochs, b
                 # Before every callback that writes the epoch's files.
                 divergence.DivergenceCheck(
                     stage, session.write_dir, strategy,
-                    functools.partial(divergence.likely_fix, config.train, roles),
+                    functools.partial(divergence.likely_fix, config.train, roles,
+                                      precision=keras.config.dtype_policy().name),
                 ),
                 callbacks.BestCheckpoints(
                     session.write_dir, monitor, best_models, initial_epoch=session.first_epoch

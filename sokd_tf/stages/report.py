@@ -88,6 +88,31 @@ def write_report(workdir: str) -> str:
         "",
     ]
     lines += _divergence_section(paths, config)
+    if distill:
+        terms = distill.get("loss_terms") or {}
+        if terms:
+            listed = ", ".join(f"`{name}` × {weight:g}" for name, weight in terms.items())
+            lines += [f"Loss terms (weight): {listed}.", ""]
+        if distill.get("peer"):
+            peer = distill["peer"]
+            lines += [
+                f"SOKD's peer is cut at `{peer['cut_layer']}` "
+                f"({'x'.join(map(str, peer['cut_shape']))}): {peer['peer_params']:,} parameters, "
+                f"{100 * peer['peer_share']:.1f} % of the teacher's {peer['teacher_params']:,}.",
+                "",
+            ]
+        if distill.get("teacher_bn_mode"):
+            lines += [f"Teacher BatchNorm mode: **{distill['teacher_bn_mode']}**.", ""]
+    runtime = distill or teacher or {}
+    if "precision_used" in runtime:
+        requested = config.get("train", {}).get("precision")
+        machine = runtime.get("machine", {})
+        lines += [
+            f"Precision **{runtime['precision_used']}** (requested `{requested}`), BatchNorm "
+            f"`{runtime.get('batch_norm_used')}`, CPU {machine.get('model_name', '?')} "
+            f"(class `{machine.get('cpu_class', '?')}`).",
+            "",
+        ]
     selection = (distill or teacher or {}).get("best_epoch_selected_on", "validation")
     lines += [
         "## Results (test split)",
@@ -119,8 +144,10 @@ def write_report(workdir: str) -> str:
                 f"{params.get('teacher', 0):,} | – | – | {_pct(after.get('top1'))} | {_pct(after.get('top5'))} |"
             )
     if distill:
-        for role, label, stem in (("peer", "peer path (reconstructed teacher)", "reconstructed_teacher"),
-                                  ("student", "student", "student")):
+        peer_label = ("peer (DML's second network)" if method == "dml"
+                      else "peer path (reconstructed teacher)")
+        peer_stem = "peer" if method == "dml" else "reconstructed_teacher"
+        for role, label, stem in (("peer", peer_label, peer_stem), ("student", "student", "student")):
             record = distill["roles"].get(role)
             if record is None:
                 continue

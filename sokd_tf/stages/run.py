@@ -10,7 +10,6 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from sokd_tf import distillers
 from sokd_tf.config import HISTORY_KEY, RESUMABLE_FIELDS, RunConfig
 from sokd_tf.data import load_dataset
 from sokd_tf.errors import ConfigError, DivergedError
@@ -133,17 +132,16 @@ def run(config: RunConfig, workdir: str, *, overwrite: bool = False,
       DivergedError: a training stage diverged; evaluation and export do not run, and
         the chief rewrites `report.md` to say where the run stopped.
     """
-    needs_teacher = distillers.METHODS[config.train.method].needs_teacher
-    checkpoint = config.model.teacher_checkpoint
-    if checkpoint:
-        distill.check_teacher(config, workdir)
+    trains_teacher = teacher.trains_teacher(config, workdir)
+    if not trains_teacher:
+        distill.check_teacher(config, workdir)  # a given teacher file must exist
     dataset = load_dataset(config.data, seed=config.train.seed)
     paths = prepare_workdir(config, workdir, overwrite=overwrite, resume_changed=resume_changed)
     # One strategy for every stage: a multi-worker or TPU strategy is set up once per process.
     strategy = strategy_lib.make_strategy(config.train.strategy)
     outcome = {}
     try:
-        if needs_teacher and not checkpoint:
+        if trains_teacher:
             outcome["teacher"] = teacher.train_teacher(config, workdir, dataset, strategy=strategy)
         outcome["distill"] = distill.distill(config, workdir, dataset, strategy=strategy)
     except DivergedError:
