@@ -39,6 +39,18 @@ def float32_policy():
     keras.config.set_dtype_policy("float32")
 
 
+@pytest.fixture
+def op_determinism_restored():
+    """The stages turn on op determinism for the whole process (and with it XLA off);
+    later tests in the same process get the state they started with."""
+    from tensorflow.python.framework import config as tf_config  # no public off switch
+
+    enabled = tf_config.is_op_determinism_enabled()
+    yield
+    if not enabled:
+        tf_config.disable_op_determinism()
+
+
 def random_data(n, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, *SHAPE)).astype(np.float32), (np.arange(n) % CLASSES).astype(np.int32)
@@ -384,7 +396,9 @@ def _stage_config(data_dir, **overrides):
 
 
 @pytest.mark.slow
-def test_divergence_in_epoch_two_keeps_epoch_one_and_the_run_continues(small_fashion_mnist, tmp_path):
+def test_divergence_in_epoch_two_keeps_epoch_one_and_the_run_continues(
+    small_fashion_mnist, tmp_path, op_determinism_restored
+):
     workdir = str(tmp_path / "run")
     paths = workdir_lib.Workdir(workdir)
     first = _stage_config(small_fashion_mnist)
