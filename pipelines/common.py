@@ -112,6 +112,13 @@ def define_workdir_flags(*, overwrite: bool = True) -> None:
             "overwrite", False,
             "Delete an existing run in --workdir (needed when its config differs) and start over.",
         )
+        flags.DEFINE_list(
+            "resume_changed", [],
+            "Continue the run in --workdir from its last completed epoch although these fields "
+            "changed (e.g. after a divergence: --student_learning_rate=0.05 "
+            f"--resume_changed=student_learning_rate); allowed: {', '.join(config_lib.RESUMABLE_FIELDS)} "
+            "(dotted or flag names). The change is recorded in config.json's history.",
+        )
 
 
 # --- one-line help from the dataclass docstrings ------------------------------------
@@ -369,7 +376,13 @@ def _flag_lines(flag, value, library, *, required=False) -> str:
     return f"{head}\n      {help_line}"
 
 
+def resume_changed() -> tuple[str, ...]:
+    """--resume_changed as dotted config fields (flag names are accepted too)."""
+    by_flag = {flag_name(dotted): dotted for dotted in config_lib.field_types()}
+    return tuple(by_flag.get(name, name) for name in FLAGS.resume_changed)
+
+
 __all__ = [
     "FLAGS", "config_for_workdir", "config_from_flags", "define_config_flags",
-    "define_workdir_flags", "explicitly_set", "fail", "field_help", "main",
+    "define_workdir_flags", "explicitly_set", "fail", "field_help", "main", "resume_changed",
 ]

@@ -22,7 +22,8 @@ def body():
     workdir = common.FLAGS.workdir
     distill.check_teacher(config, workdir)
     dataset = load_dataset(config.data, seed=config.train.seed)
-    run.prepare_workdir(config, workdir, overwrite=common.FLAGS.overwrite)
+    run.prepare_workdir(config, workdir, overwrite=common.FLAGS.overwrite,
+                        resume_changed=common.resume_changed())
     results = distill.distill(config, workdir, dataset)
     for role, record in results["roles"].items():
         print(f"{role}: last test top-1 {record['last_test_top1']}, best epoch {record['best_epoch']}")

@@ -3,7 +3,8 @@
     sokd-tf run --workdir=workdir/quickstart            # quickstart preset
     sokd-tf run --preset=cifar100_wrn40_2_wrn40_1 --workdir=runs/paper
 
-Rerunning the same command on the same workdir resumes from the last completed epoch.
+Rerunning the same command on the same workdir resumes from the last completed epoch;
+after a divergence, add the lowered rate and --resume_changed=student_learning_rate.
 """
 
 from absl import flags
@@ -18,7 +19,8 @@ flags.adopt_module_key_flags(common)
 
 def body():
     config = common.config_from_flags()
-    outcome = run.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    outcome = run.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite,
+                      resume_changed=common.resume_changed())
     if "evaluation" in outcome:
         print(f"report: {common.FLAGS.workdir}/report.md")
     else:

@@ -17,7 +17,8 @@ flags.adopt_module_key_flags(common)
 def body():
     config = common.config_from_flags()
     dataset = load_dataset(config.data, seed=config.train.seed)
-    run.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite)
+    run.prepare_workdir(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite,
+                        resume_changed=common.resume_changed())
     results = teacher.train_teacher(config, common.FLAGS.workdir, dataset)
     record = results["roles"]["teacher"]
     print(f"teacher: {results['checkpoint']} (last test top-1 {record['last_test_top1']})")

@@ -38,6 +38,19 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 BASELINE_RECIPES = ("standard", "sokd")
 NORMALIZATIONS = ("dataset", "cifar10", "none")
 IMAGE_CHANNELS = (1, 3)
+# The fields a continued run may change (`stages.run.prepare_workdir(resume_changed=...)`,
+# `--resume_changed`): the step size and the arithmetic, the fixes of a diverged run.
+# The backup restores weights, optimizer state and epoch under any of them; every other
+# change would make the checkpoint describe a different run. Loss scaling has no field:
+# under mixed_float16 it is dynamic, and leaving float16 removes it.
+RESUMABLE_FIELDS = (
+    "train.student_learning_rate",
+    "train.peer_learning_rate",
+    "train.teacher_learning_rate",
+    "train.precision",
+)
+# Key of config.json's list of changes made on resume (not a config section).
+HISTORY_KEY = "history"
 TFLITE_VARIANTS = (
     "fp32", "fp16", "dynamic_int8", "int8", "int8_float_io", "qat_int8",
 )
@@ -654,6 +667,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
     flat = {}
     for section, fields in values.items():
+        if section == HISTORY_KEY:
+            continue  # config.json's record of resumed changes, not settings
         if section not in SECTIONS or not isinstance(fields, Mapping):
             raise ConfigError(f"unknown config section {section!r}")
         for field, value in fields.items():

@@ -10,6 +10,10 @@ Usage:
       `multi_worker` when TF_CONFIG is set (one process per worker), else the default
       strategy; resumes from OUT_DIR/backup; writes OUT_DIR/result_<task>.json and
       OUT_DIR/weights_<task>.npz.
+  python distributed_worker.py diverge OUT_DIR
+      Under `multi_worker` (TF_CONFIG set), a SOKD training in which worker 1 alone
+      makes its student head NaN at step 2; writes OUT_DIR/result_<task>.json with the
+      DivergedError each worker raised.
 
 Tiny models on 8x8x3 random images keep each process well under a minute on 2 cores.
 """
@@ -165,11 +169,51 @@ def train(out_dir, epochs):
         json.dump(result, f)
 
 
+def diverge(out_dir):
+    """Worker 1 alone breaks its copy of the student head before step 2 of epoch 1: every
+    worker must stop at that step with the same one-line error, the chief recording it."""
+    import keras
+
+    from sokd_tf.config import TrainConfig
+    from sokd_tf.errors import DivergedError
+    from sokd_tf.runtime import loop
+    from sokd_tf.runtime import strategy as strategy_lib
+    from sokd_tf.stages import divergence
+
+    strategy = strategy_lib.make_strategy("multi_worker")
+    task = strategy.cluster_resolver.task_id
+    distiller = _build_sokd(strategy)
+    kernel = distiller.student.get_layer("logits").kernel
+
+    def poison(batch, logs):
+        if task == 1 and batch == 1:  # a local assignment: no collective, worker 1 only
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    stage_dir = os.path.join(out_dir, "distill")
+    result = {"task": task, "error": None}
+    with loop.resumable_fit(stage_dir, os.path.join(stage_dir, "backup"), strategy) as session:
+        check = divergence.DivergenceCheck(
+            "distill", session.write_dir, strategy,
+            lambda term: divergence.likely_fix(TrainConfig(), ["peer", "student"], term),
+        )
+        try:
+            session.fit(distiller, _train_batches(), epochs=2, steps_per_epoch=STEPS_PER_EPOCH,
+                        callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=poison),
+                                   check], verbose=0)
+        except DivergedError as error:
+            result["error"] = str(error)
+        result["write_dir"] = session.write_dir
+    with open(os.path.join(out_dir, f"result_{task}.json"), "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "mirrored_vs_default":
         mirrored_vs_default(out)
     elif mode == "train":
         train(out, int(sys.argv[3]))
+    elif mode == "diverge":
+        diverge(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -370,6 +370,29 @@ def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_pat
 
 
 @pytest.mark.slow
+def test_multi_worker_divergence_on_one_worker_stops_every_worker_at_the_same_step(tmp_path):
+    """Only worker 1's replica goes non-finite; the check's read is a sum over replicas,
+    so both workers raise the same DivergedError at the same step and none hangs."""
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    commands = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        commands.append(([sys.executable, WORKER, "diverge", str(tmp_path)],
+                         _env(TF_CONFIG=tf_config)))
+    _run_processes(commands, str(tmp_path))
+    results = [json.loads((tmp_path / f"result_{i}.json").read_text()) for i in range(2)]
+    assert results[0]["error"] == results[1]["error"]
+    assert results[0]["error"].startswith(
+        "distill diverged at epoch 1, step 2: peer/ml_from_student is nan;"
+    )
+    record = json.loads((tmp_path / "distill" / "diverged.json").read_text())
+    assert record["non_finite"]["student/ce"] == "nan"
+    assert not os.path.exists(results[1]["write_dir"]), "the other worker's files are gone"
+    assert not (tmp_path / "distill" / "backup").exists(), "no epoch completed"
+
+
+@pytest.mark.slow
 def test_multi_worker_pipeline_run_trains_on_both_and_exports_once(small_fashion_mnist, tmp_path):
     """`pipelines.run --strategy=multi_worker` on 2 workers: teacher, SOKD, chief-only rest."""
     from test_pipelines import _tiny_flags

@@ -16,6 +16,7 @@ from keras import ops
 from sokd_tf import losses
 from sokd_tf.config import TEACHER_BN_MODES
 from sokd_tf.distillers import optimization, role_metrics
+from sokd_tf.distillers.finite_checks import FiniteChecks
 from sokd_tf.errors import ConfigError
 
 
@@ -130,6 +131,8 @@ class Distiller(keras.Model):
         self.user_metric_trackers = {role: [] for role in self.trained_roles}
         self.weighted_user_metric_trackers = {role: [] for role in self.trained_roles}
         self._user_metric_specs = {"metrics": None, "weighted_metrics": None}
+        # Not in `metrics`: read by the divergence check, never logged or reset by Keras.
+        self.finite_checks = FiniteChecks(term_names, self.trained_roles)
         # The sub-models are built functional models; BackupAndRestore and load_model
         # need the container marked built too.
         self.built = True
@@ -240,12 +243,14 @@ class Distiller(keras.Model):
         with tf.GradientTape() as tape:
             terms, logits = self.forward(images, labels, training=True)
             scaled_loss = self.optimizer.scale_loss(self.total_loss(terms, labels, sample_weight))
-        self.minimize(tape, scaled_loss)
+        gradient_norms = self.minimize(tape, scaled_loss)
+        self.finite_checks.update_state(terms, gradient_norms)
         return self.update_metrics(terms, labels, logits, sample_weight)
 
     def test_step(self, data):
         images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         terms, logits = self.forward(images, labels, training=False)
+        self.finite_checks.update_state(terms)
         return self.update_metrics(terms, labels, logits, sample_weight)
 
     def total_loss(self, terms, labels, sample_weight=None):
@@ -259,9 +264,15 @@ class Distiller(keras.Model):
             per_example_weights(sample_weight, labels),
         )
 
-    def minimize(self, tape: tf.GradientTape, scaled_loss) -> None:
-        """Applies one step to every trained role (coupled L2, per-role rates)."""
-        optimization.apply_role_gradients(self.optimizer, tape, scaled_loss, self.role_variables)
+    def minimize(self, tape: tf.GradientTape, scaled_loss) -> dict:
+        """Applies one step to every trained role (coupled L2, per-role rates).
+
+        Returns:
+          Role -> global norm of its applied gradient (empty under loss scaling).
+        """
+        return optimization.apply_role_gradients(
+            self.optimizer, tape, scaled_loss, self.role_variables
+        )
 
     def update_metrics(self, terms, labels, logits_by_role, sample_weight=None) -> dict:
         """Updates every tracker from this batch; returns all current results.

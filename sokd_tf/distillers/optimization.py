@@ -176,7 +176,7 @@ def recipe_optimizer(optimizer) -> PyTorchSGD | None:
 
 
 def apply_role_gradients(optimizer, tape: tf.GradientTape, scaled_loss,
-                         role_variables: Mapping[str, Sequence]) -> None:
+                         role_variables: Mapping[str, Sequence]) -> dict:
     """One optimizer step on every role's variables from one (loss-scaled) loss.
 
     Each role's gradient becomes `scale_role * (g + wd * w)`, with `wd` and the scales
@@ -190,6 +190,12 @@ def apply_role_gradients(optimizer, tape: tf.GradientTape, scaled_loss,
       tape: the tape that recorded `scaled_loss`.
       scaled_loss: `optimizer.scale_loss(loss)`, computed inside `tape`.
       role_variables: role -> trainable variables of that role.
+
+    Returns:
+      Role -> scalar global norm of the gradient applied to it (L2 and scale included),
+      for the divergence check. Empty under a loss-scale optimizer: its scaled gradients
+      overflow legitimately (it then skips the step and lowers the scale), so only the
+      unscaled loss terms can tell a diverged float16 run.
     """
     recipe = recipe_optimizer(optimizer)
     weight_decay = recipe.coupled_weight_decay if recipe is not None else 0.0
@@ -197,9 +203,12 @@ def apply_role_gradients(optimizer, tape: tf.GradientTape, scaled_loss,
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     variables = [v for role_vars in role_variables.values() for v in role_vars]
     gradients = iter(tape.gradient(scaled_loss, variables))
+    check_norms = not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     adjusted = []
+    norms = {}
     for role, role_vars in role_variables.items():
         scale = scales.get(role, 1.0)
+        role_gradients = []
         for variable in role_vars:
             gradient = next(gradients)
             if gradient is not None and weight_decay:
@@ -209,4 +218,9 @@ def apply_role_gradients(optimizer, tape: tf.GradientTape, scaled_loss,
             if gradient is not None and scale != 1.0:
                 gradient = gradient * scale
             adjusted.append(gradient)
+            if gradient is not None:
+                role_gradients.append(gradient)
+        if check_norms and role_gradients:
+            norms[role] = tf.linalg.global_norm(role_gradients)
     optimizer.apply_gradients(zip(adjusted, variables, strict=True))
+    return norms

@@ -60,6 +60,39 @@ def load_student(path: str) -> keras.Model:
     return student
 
 
+def check_finite_weights(student: keras.Model) -> None:
+    """Refuses a model with a non-finite weight (a diverged run, whatever produced it).
+
+    Raises:
+      ExportError: naming the first variable holding nan or inf.
+    """
+    for variable in student.weights:
+        value = keras.ops.convert_to_numpy(variable)
+        if not np.all(np.isfinite(value)):
+            count = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            raise ExportError(
+                f"student {student.name!r} has {count} non-finite values in {variable.path!r} "
+                "(its training diverged); refusing to export it"
+            )
+
+
+def check_finite_outputs(student: keras.Model, images_normalized, what: str, *,
+                         logits: np.ndarray | None = None) -> None:
+    """Refuses a model whose logits on `images_normalized` (or given `logits`) are not finite.
+
+    Raises:
+      ExportError: naming how many of the `what` images gave nan or inf.
+    """
+    if logits is None:
+        logits = student.predict(images_normalized, batch_size=256, verbose=0)
+    finite = np.all(np.isfinite(logits), axis=-1)
+    if not np.all(finite):
+        raise ExportError(
+            f"student {student.name!r} gives non-finite logits on {int(np.sum(~finite))} of "
+            f"{len(finite)} {what} images; refusing to export it"
+        )
+
+
 def verify_saved_model(
     version_dir: str, images_uint8: np.ndarray, reference_logits: np.ndarray, *,
     example_limit: int = 256,
@@ -127,8 +160,11 @@ def export_student(
       The report (also written to `export_dir/report.json`).
 
     Raises:
-      ExportError: wrong student, bad images or labels, an existing version, a failed
-        conversion. Nothing this call created is left behind.
+      ExportError: wrong student, non-finite weights or logits (on the calibration
+        images or the test images), bad images or labels, an existing version, a failed
+        conversion. Nothing this call created is left behind; a refused student leaves
+        nothing at all (the checks run before the first write).
+      DivergedError: the QAT fine-tune diverged.
 
     Every artifact is float32 (the integer variants quantize from it), whatever dtype
     policy the student was trained in: the student is re-typed to float32 and the export
@@ -174,11 +210,18 @@ def _export_checked_student(
     # Resolve now so a taken version fails before any work.
     version = serving.next_version(model_dir, export_config.version)
 
+    check_finite_weights(student)
     logger.info("[export] Keras student on %d test images (the reference of every check)",
                 len(test_images_uint8))
     reference_logits = student.predict(
         normalize_numpy(test_images_uint8, info), batch_size=256, verbose=0
     )
+    if needs_training_images:
+        calibration = tflite.representative_images(
+            train_images_uint8, info, export_config.representative_size
+        )
+        check_finite_outputs(student, normalize_numpy(calibration, info), "calibration")
+    check_finite_outputs(student, None, "test", logits=reference_logits)
     reference_classes = np.argmax(reference_logits, axis=-1)
     created = []
     os.makedirs(export_dir, exist_ok=True)

@@ -13,7 +13,8 @@ LiteRT. The maintained route that works is tfmot on tf_keras (Keras 2):
      pre-activation ResNets) and `quantize_apply`.
   3. Fine-tune briefly with the float student as the target (soft labels: the QAT
      student learns to match the distilled student's predictions; no labels needed),
-     BatchNormalization frozen in inference mode.
+     BatchNormalization frozen in inference mode. A non-finite loss stops it at once
+     (`DivergedError`, nothing exported).
   4. Convert with the same raw-pixel, builtin-ops-only settings as `int8`.
 
 The rebuild is generic (any functional model of built-in Keras layers, nested
@@ -32,13 +33,15 @@ import keras
 import numpy as np
 
 from sokd_tf.data.info import DatasetInfo
-from sokd_tf.errors import ExportError
+from sokd_tf.errors import DivergedError, ExportError
 from sokd_tf.export.preprocess import check_images, normalize_numpy
 
 # Keras 3 config keys with no tf_keras counterpart that are harmless at their defaults.
 _IGNORED_AT_DEFAULT = {"lora_rank": None, "lora_alpha": None, "quantization_config": None}
 _BASE_LAYER_KEYS = {"name", "trainable", "dtype"}
 _LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
+# The fine-tune's one loss: cross-entropy to the float student's softened predictions.
+QAT_TERM = "student/qat_ce"
 
 
 def _tf_keras():
@@ -208,6 +211,14 @@ def quantization_aware_model(rebuilt):
     return qat_model
 
 
+def _diverged(where: str, value: float, learning_rate: float, term: str = QAT_TERM):
+    raise DivergedError(
+        f"export diverged in the QAT fine-tune at {where}: {term} is {value}; the learning "
+        f"rate is likely too high: lower --qat_learning_rate (now {learning_rate:g}); "
+        "nothing was exported"
+    )
+
+
 def quantization_aware_finetune(
     student: keras.Model,
     info: DatasetInfo,
@@ -237,6 +248,8 @@ def quantization_aware_finetune(
 
     Raises:
       ExportError: empty or wrong-shape images, or a student that cannot be rebuilt.
+      DivergedError: the fine-tune's loss (`student/qat_ce`, checked after every batch)
+        or its final weights went non-finite.
     """
     import tensorflow as tf
 
@@ -272,8 +285,23 @@ def quantization_aware_finetune(
             optimizer=tf_keras.optimizers.SGD(learning_rate, momentum=0.9),
             loss=tf_keras.losses.CategoricalCrossentropy(from_logits=True),
         )
-        history = qat_model.fit(Batches(), epochs=1, shuffle=False, verbose=0)
+
+        class StopOnDivergence(tf_keras.callbacks.Callback):
+            """The divergence check of the fine-tune: its running loss after every batch."""
+
+            def on_train_batch_end(self, batch, logs=None):
+                loss = (logs or {}).get("loss")
+                if loss is not None and not np.isfinite(loss):
+                    _diverged(f"step {batch + 1} of {total_steps}", loss, learning_rate)
+
+        history = qat_model.fit(
+            Batches(), epochs=1, shuffle=False, verbose=0, callbacks=[StopOnDivergence()]
+        )
         final_loss = float(history.history["loss"][-1])
+        for weight in qat_model.weights:  # a non-finite last step leaves a finite loss
+            if not np.all(np.isfinite(weight.numpy())):
+                _diverged(f"its last step ({total_steps})", float("nan"), learning_rate,
+                          term=f"weights of {weight.name}")
     summary = {
         "rebuild_max_abs_logit_error": rebuild_error,
         "steps": int(total_steps),

@@ -68,15 +68,25 @@ def raw_pixel_saved_model(model: Callable, info: DatasetInfo, path: str) -> str:
     return path
 
 
-def representative_dataset(images_uint8: np.ndarray, info: DatasetInfo, size: int, *, seed: int = 0):
-    """Calibration generator over `size` seeded-random raw training images.
+def representative_images(images_uint8: np.ndarray, info: DatasetInfo, size: int, *,
+                          seed: int = 0) -> np.ndarray:
+    """The calibration images: `size` seeded-random raw training images, float32 0-255.
 
     Raises:
       ExportError: empty or wrong-shape images.
     """
     images = check_images(images_uint8, info, "representative dataset (training images)")
     order = np.random.default_rng(seed).permutation(len(images))[: min(size, len(images))]
-    chosen = images[np.sort(order)].astype(np.float32)
+    return images[np.sort(order)].astype(np.float32)
+
+
+def representative_dataset(images_uint8: np.ndarray, info: DatasetInfo, size: int, *, seed: int = 0):
+    """Calibration generator over `representative_images` (one image per call).
+
+    Raises:
+      ExportError: empty or wrong-shape images.
+    """
+    chosen = representative_images(images_uint8, info, size, seed=seed)
 
     def generate():
         for image in chosen:

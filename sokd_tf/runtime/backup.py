@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from sokd_tf.runtime import cluster
@@ -26,6 +28,46 @@ def read_backup_epoch(backup_dir: str) -> int:
         return 0
     with open(path) as f:
         return int(json.load(f)["epoch"])
+
+
+def restore_wrapped_optimizer(optimizer, weights_path: str) -> bool:
+    """Restores the optimizer state across a loss-scale wrapper added or removed.
+
+    Under `mixed_float16` Keras wraps the optimizer in a `LossScaleOptimizer`, whose
+    variables are its own (loss scale, counters) followed by the inner optimizer's.
+    `load_weights` skips an optimizer whose variable count differs from the file's,
+    which would restart the iteration count (and with it the learning-rate schedule)
+    and drop the momentum when a continuation changes the precision. The inner
+    optimizer's state is the tail of the saved list either way, so it is copied from
+    there; a loss scale starts afresh.
+
+    Args:
+      optimizer: the (possibly wrapped) optimizer of the model just loaded.
+      weights_path: the `.weights.h5` file it was loaded from.
+
+    Returns:
+      True when the state was copied (the saved and current layouts differed).
+
+    Raises:
+      ValueError: the saved optimizer state does not fit this optimizer.
+    """
+    import h5py  # a Keras dependency; reads the file Keras wrote
+
+    with h5py.File(weights_path, "r") as f:
+        group = f.get("optimizer/vars")
+        saved = [group[str(i)][()] for i in range(len(group))] if group is not None else []
+    if not saved or len(saved) == len(optimizer.variables):
+        return False
+    inner = getattr(optimizer, "inner_optimizer", optimizer).variables
+    tail = saved[len(saved) - len(inner):] if len(saved) >= len(inner) else None
+    if tail is None or any(tuple(v.shape) != np.shape(t) for v, t in zip(inner, tail, strict=True)):
+        raise ValueError(
+            f"the backup {weights_path!r} holds {len(saved)} optimizer variables that do not "
+            f"fit this optimizer's {len(optimizer.variables)}"
+        )
+    for variable, value in zip(inner, tail, strict=True):
+        variable.assign(value)
+    return True
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -72,7 +114,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         if optimizer is not None and not optimizer.built:
             with self.strategy.scope():
                 optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(weights)
+        with warnings.catch_warnings():
+            # A continuation that changed the precision adds or drops the loss-scale
+            # wrapper; Keras then skips the optimizer's state, restored just below.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            self.model.load_weights(weights)
+        if optimizer is not None:
+            with self.strategy.scope():
+                restore_wrapped_optimizer(optimizer, weights)
         # The attribute through which Keras' own BackupAndRestore hands `fit` the
         # epoch to resume at; `loop.custom_fit` reads it too.
         self.model._initial_epoch = int(metadata["epoch"])

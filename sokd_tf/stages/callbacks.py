@@ -9,6 +9,7 @@ rewrites its files from the restored epoch on, so every epoch is recorded exactl
 from __future__ import annotations
 
 import csv
+import math
 import sys
 
 import keras
@@ -93,6 +94,8 @@ class BestCheckpoints(keras.callbacks.Callback):
             if key not in logs:
                 continue
             value = float(logs[key])
+            if not math.isfinite(value):
+                continue  # a NaN never beats anything; nor may it start the record
             record = self.best.get(role)
             if record is None or value > record["value"]:
                 test_key = "test_" + key.removeprefix("val_")

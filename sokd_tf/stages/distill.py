@@ -143,6 +143,7 @@ def distill(config: RunConfig, workdir: str, dataset: ImageDataset, *,
     teacher_before = _evaluate_here(teacher, test_data, strategy) if teacher is not None else None
     rows, best = fit.fit_stage(
         trainer,
+        stage="distill",
         config=config,
         dataset=dataset,
         strategy=strategy,

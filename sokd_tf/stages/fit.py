@@ -10,7 +10,9 @@ The whole story of a training stage, in order:
    epoch, and fits with the stage callbacks: learning-rate log, test-split evaluation,
    best checkpoint per role (chosen on the validation split, or on test in paper mode),
    the metric history, a one-line summary, TensorBoard, and the backup (added last by the
-   runtime, so an epoch counts as done only once everything else is written).
+   runtime, so an epoch counts as done only once everything else is written). Before all
+   that writes, the divergence check: at the first non-finite loss term or gradient norm
+   the stage stops with `DivergedError` and keeps nothing of that epoch.
 4. `stage_results`: the stage's `results.json` record from the history and best epochs.
 
 Reference: docs/METHOD.md, "Optimisation" and "Protocol".
@@ -30,7 +32,7 @@ from sokd_tf.config import RunConfig
 from sokd_tf.data import ImageDataset
 from sokd_tf.runtime import cpu, loop
 from sokd_tf.runtime import strategy as strategy_lib
-from sokd_tf.stages import callbacks
+from sokd_tf.stages import callbacks, divergence
 from sokd_tf.stages import workdir as workdir_lib
 
 PAPER_SELECTION = "best on test, as the paper reports"
@@ -112,11 +114,13 @@ def steps_per_epoch(config: RunConfig, dataset: ImageDataset) -> int:
     return steps
 
 
-def fit_stage(trainer, *, config, dataset, strategy, stage_dir, epochs, best_models, test_data):
-    """Runs `fit` with resume, logging and best-epoch checkpoints.
+def fit_stage(trainer, *, stage, config, dataset, strategy, stage_dir, epochs, best_models,
+              test_data):
+    """Runs `fit` with resume, logging, best-epoch checkpoints and the divergence check.
 
     Args:
       trainer: a compiled distiller built in `strategy.scope()`.
+      stage: the stage's name ("teacher", "distill"), for a divergence message.
       config: the run's config.
       dataset: the run's `ImageDataset`.
       strategy: the strategy the trainer was built under.
@@ -129,6 +133,10 @@ def fit_stage(trainer, *, config, dataset, strategy, stage_dir, epochs, best_mod
     Returns:
       (history rows, best epoch record per role). Under multi-worker training every worker
       runs this; only the chief's files land in `stage_dir`.
+
+    Raises:
+      DivergedError: a loss term or gradient norm went non-finite (`stage_dir` then
+        holds `diverged.json` and the last good epoch's files, untouched).
     """
     steps = steps_per_epoch(config, dataset)
     stage_files = workdir_lib.StageFiles(stage_dir)
@@ -149,6 +157,7 @@ def fit_stage(trainer, *, config, dataset, strategy, stage_dir, epochs, best_mod
         roles = list(best_models)
         monitor = {role: f"val_{role}/top1" for role in roles}
         history = callbacks.MetricHistory(session.write_dir, initial_epoch=session.first_epoch)
+        divergence.clear_record(session.write_dir)
         session.fit(
             trainer,
             train_data,
@@ -158,6 +167,12 @@ def fit_stage(trainer, *, config, dataset, strategy, stage_dir, epochs, best_mod
             callbacks=[
                 callbacks.LearningRateLogger(),
                 callbacks.TestSplitEvaluation(test_data, evaluate),
+                # Before every callback that writes the epoch's files.
+                divergence.DivergenceCheck(
+                    stage, session.write_dir, strategy,
+                    functools.partial(divergence.likely_fix, config.train, roles,
+                                      precision=keras.config.dtype_policy().name),
+                ),
                 callbacks.BestCheckpoints(
                     session.write_dir, monitor, best_models, initial_epoch=session.first_epoch
                 ),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from sokd_tf.config import HISTORY_KEY
+from sokd_tf.stages import divergence
 from sokd_tf.stages import workdir as workdir_lib
 
 
@@ -85,6 +87,7 @@ def write_report(workdir: str) -> str:
         f"`{config.get('model', {}).get('student')}`, data `{data.get('name')}` ({data.get('source')}).",
         "",
     ]
+    lines += _divergence_section(paths, config)
     if distill:
         terms = distill.get("loss_terms") or {}
         if terms:
@@ -174,6 +177,47 @@ def write_report(workdir: str) -> str:
     lines += ["## Resolved config", "", "```json", _json(config), "```", ""]
     workdir_lib.write_text(paths.report, "\n".join(lines))
     return paths.report
+
+
+def _divergence_section(paths: workdir_lib.Workdir, config: dict) -> list[str]:
+    """Where a stopped run diverged, and the changes made to continue earlier ones."""
+    lines = []
+    for stage, files in (("teacher", paths.teacher), ("distill", paths.distill)):
+        record = divergence.read_record(files.root)
+        if record is None:
+            continue
+        epoch, good = record["epoch"], record["last_good_epoch"]
+        kept = (f"the last good epoch, {good}, is in `{stage}/checkpoints/backup`" if good
+                else "no epoch had completed")
+        lines += [
+            "## Stopped: the run diverged",
+            "",
+            f"The **{stage}** stage diverged at epoch {epoch}, step {record['step']} "
+            f"({record['phase']}): `{record['term']}` is {record['value']}. Nothing from epoch "
+            f"{epoch} was kept; {kept}. The later stages (evaluation, export) did not run.",
+            "",
+            f"> {record['message']}",
+            "",
+        ]
+    history = config.get(HISTORY_KEY) or []
+    if history:
+        lines += ["## Continued with changed settings", ""]
+        for entry in history:
+            changed = ", ".join(
+                f"`{name}` {change['from']!r} → {change['to']!r}"
+                for name, change in entry["changed"].items()
+            )
+            where = []
+            for stage, state in entry.get("stages", {}).items():
+                text = f"{stage} from epoch {state['resumes_at_epoch']}"
+                diverged = state.get("after_divergence")
+                if diverged:
+                    text += (f" after diverging at epoch {diverged['epoch']}, step "
+                             f"{diverged['step']} (`{diverged['term']}` {diverged['value']})")
+                where.append(text)
+            lines.append(f"- {changed}" + (f"; resumed {'; '.join(where)}" if where else ""))
+        lines.append("")
+    return lines
 
 
 def _export_section(export: dict, workdir: str) -> list[str]:

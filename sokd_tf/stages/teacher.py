@@ -124,6 +124,7 @@ def train_teacher(config: RunConfig, workdir: str, dataset: ImageDataset, *,
         )
     rows, best = fit.fit_stage(
         trainer,
+        stage="teacher",
         config=config,
         dataset=dataset,
         strategy=strategy,

@@ -2,11 +2,13 @@
 
 Stages talk to each other only through these files, like pipeline components:
 
-    workdir/config.json                      resolved RunConfig, written first
+    workdir/config.json                      resolved RunConfig, written first (+ the
+                                             `history` of changes made on resume)
     workdir/teacher/teacher.keras            trained teacher (never overwritten later)
     workdir/teacher/{history.csv,history.json,logs/,checkpoints/,results.json}
     workdir/distill/student_{best,last}.keras, peer_*.keras, reconstructed_teacher_*.keras
     workdir/distill/{history.csv,history.json,logs/,checkpoints/,results.json}
+    workdir/<stage>/diverged.json            where a stage stopped on a non-finite value
     workdir/evaluation.json                  test top-1/top-5 of every saved model
     workdir/export/serving/<model>/<version>/, export/tflite/*.tflite, export/report.json
     workdir/report.md, workdir/plots/*.png
@@ -23,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 
 RESULTS = "results.json"
+DIVERGED = "diverged.json"
 EXPORT_REPORT = "report.json"
 SERVING_DIR = "serving"
 TFLITE_DIR = "tflite"
@@ -41,6 +44,11 @@ class StageFiles:
     @property
     def results(self) -> str:
         return os.path.join(self.root, RESULTS)
+
+    @property
+    def diverged(self) -> str:
+        """The record of a divergence that stopped the stage (absent once it trains on)."""
+        return os.path.join(self.root, DIVERGED)
 
     @property
     def history_json(self) -> str:
