@@ -217,7 +217,10 @@ class StudyRunner:
             for equal_budget in (False, True):
                 path = os.path.join(self.teacher_dir(seed, equal_budget), RUN_RECORD)
                 if os.path.exists(path):
-                    teachers[os.path.basename(self.teacher_dir(seed, equal_budget))] = workdir_lib.read_json(path)
+                    record = dict(workdir_lib.read_json(path))
+                    # Relative to the study's root, so results.json can move with it.
+                    record["checkpoint"] = os.path.relpath(record["checkpoint"], self.root)
+                    teachers[os.path.basename(self.teacher_dir(seed, equal_budget))] = record
         return {
             "study": self.study.name,
             "description": self.study.description,
