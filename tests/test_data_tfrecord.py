@@ -75,7 +75,7 @@ def test_real_fashion_mnist_images_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_real_fashion_mnist_round_trip_through_the_converter(tmp_path):
-    source = config.DataConfig(source="fashion_mnist", normalization="dataset")
+    source = config.DataConfig(source="fashion_mnist", normalization="dataset", validation_size=5000)
     original = load_dataset(source, seed=3)
     written = convert_to_tfrecords(source, str(tmp_path), num_shards=6)
     assert len(written["train"]) == 6 and len(written["test"]) == 1
