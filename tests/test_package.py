@@ -73,7 +73,7 @@ def _dependency_path() -> list[str]:
     for entry in sys.path:
         path = os.path.abspath(entry) if entry else ""
         if (not path or not os.path.isdir(path) or os.path.commonpath([path, stdlib]) == stdlib
-                or os.path.commonpath([path, REPO]) == REPO):
+                or path == REPO):  # a venv inside the checkout (.venv/) is kept
             continue
         if path not in keep:
             keep.append(path)
