@@ -141,7 +141,7 @@ def test_custom_config_values_are_validated_into_the_run_config():
     assert run_config.model.student == "wrn_10_1"  # from the quickstart preset
     assert module["image_key"] == "jpeg"
     with pytest.raises(ConfigError, match="train.method must be one of"):
-        trainer_module.config_from_custom_config({"method": "fitnet"})
+        trainer_module.config_from_custom_config({"method": "crd"})
     with pytest.raises(ConfigError, match="epochs must be int"):
         trainer_module.config_from_custom_config({"epochs": "many"})
 
