@@ -121,6 +121,21 @@ def define_workdir_flags(*, overwrite: bool = True) -> None:
         )
 
 
+
+def define_tfrecord_flags(*, out_dir_help: str, other_split: str) -> None:
+    """The flags of the two TFRecord writers (in-process and Beam), defined once per process."""
+    from sokd_tf.data.tfrecord import IMAGE_FORMATS, IMAGE_KEY, LABEL_KEY
+
+    if "out_dir" in FLAGS:
+        return
+    flags.DEFINE_string("out_dir", None, out_dir_help, required=True)
+    flags.DEFINE_integer("num_shards", 8, f"Shards of the train split ({other_split}: proportional).",
+                         lower_bound=1)
+    flags.DEFINE_enum("image_format", "png", list(IMAGE_FORMATS),
+                      "Encoding of image/encoded: png (lossless) or jpeg (quality 95).")
+    flags.DEFINE_string("image_key", IMAGE_KEY, "tf.Example feature of the encoded image.")
+    flags.DEFINE_string("label_key", LABEL_KEY, "tf.Example feature of the int64 label.")
+
 # --- one-line help from the dataclass docstrings ------------------------------------
 
 _ATTRIBUTE = re.compile(r"^  ([a-z0-9_]+(?:(?:, | \.\. )[a-z0-9_]+)*): (.*)$")
@@ -384,5 +399,5 @@ def resume_changed() -> tuple[str, ...]:
 
 __all__ = [
     "FLAGS", "config_for_workdir", "config_from_flags", "define_config_flags",
-    "define_workdir_flags", "explicitly_set", "fail", "field_help", "main", "resume_changed",
+    "define_tfrecord_flags", "define_workdir_flags", "explicitly_set", "fail", "field_help", "main", "resume_changed",
 ]

@@ -14,17 +14,10 @@ from absl import flags
 
 from pipelines import common
 from sokd_tf.data import convert_to_tfrecords
-from sokd_tf.data.tfrecord import IMAGE_FORMATS, IMAGE_KEY, LABEL_KEY
 
 common.define_config_flags(sections=("data",), default_preset="quickstart")
+common.define_tfrecord_flags(out_dir_help="Output directory of the TFRecord shards.", other_split="test")
 flags.adopt_module_key_flags(common)
-flags.DEFINE_string("out_dir", None, "Output directory of the TFRecord shards.", required=True)
-flags.DEFINE_integer("num_shards", 8, "Shards of the train split (test: proportional).",
-                     lower_bound=1)
-flags.DEFINE_enum("image_format", "png", list(IMAGE_FORMATS),
-                  "Encoding of image/encoded: png (lossless) or jpeg (quality 95).")
-flags.DEFINE_string("image_key", IMAGE_KEY, "tf.Example feature of the encoded image.")
-flags.DEFINE_string("label_key", LABEL_KEY, "tf.Example feature of the int64 label.")
 FLAGS = flags.FLAGS
 
 
