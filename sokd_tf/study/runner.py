@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from sokd_tf import config as config_lib
 from sokd_tf import distillers
 from sokd_tf.data import load_dataset
+from sokd_tf.runtime import cpu
 from sokd_tf.stages import distill as distill_stage
 from sokd_tf.stages import run as run_stage
 from sokd_tf.stages import teacher as teacher_stage
@@ -68,19 +69,13 @@ def equal_budget_config(teacher_config):
 
 def machine() -> dict:
     """The CPU the study ran on (model name and the ISA flags that matter for speed)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", "unknown", platform.machine()):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [name for name in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    return {"cpu": model, "isa": isa, "cores": os.cpu_count(), "python": platform.python_version()}
+    features = cpu.detect()
+    return {
+        "cpu": features.model_name,
+        "isa": [name for name, present in features.isa_flags().items() if present],
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 class StudyRunner:
