@@ -140,9 +140,11 @@ def test_next_version_ignores_non_integer_entries(tmp_path):
     (model_dir / "12").write_text("a file, not a version")
     assert serving.existing_versions(str(model_dir)) == [3, 10]
     assert serving.next_version(str(model_dir), None) == 11
-    assert serving.next_version(str(model_dir), 4) == 4
+    assert serving.next_version(str(model_dir), 42) == 42
     with pytest.raises(ExportError, match="already exists"):
         serving.next_version(str(model_dir), 10)
+    with pytest.raises(ExportError, match="version 4 is below the newest version 10"):
+        serving.next_version(str(model_dir), 4)
 
 
 def test_failed_write_leaves_no_partial_version(tmp_path, monkeypatch):

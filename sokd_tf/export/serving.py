@@ -36,8 +36,11 @@ def existing_versions(model_dir: str) -> list[int]:
 def next_version(model_dir: str, version: int | None) -> int:
     """Resolves the version to write: `version`, or newest + 1 (1 for a new model).
 
+    Versions only grow: TF Serving's default policy serves the highest version, so a new
+    export numbered below the newest would be written and never served.
+
     Raises:
-      ExportError: `version` exists already or is below 1.
+      ExportError: `version` exists already, is below 1, or is not above the newest.
     """
     versions = existing_versions(model_dir)
     if version is None:
@@ -48,6 +51,12 @@ def next_version(model_dir: str, version: int | None) -> int:
         raise ExportError(
             f"version {version} already exists in {model_dir}; versions are never "
             f"overwritten (existing: {versions}); pass a new version or leave it unset"
+        )
+    if versions and version < versions[-1]:
+        raise ExportError(
+            f"version {version} is below the newest version {versions[-1]} in {model_dir}; "
+            f"versions only grow (TF Serving serves the highest): pass a version above "
+            f"{versions[-1]} or leave it unset"
         )
     return version
 
