@@ -10,7 +10,7 @@ after a divergence, add the lowered rate and --resume_changed=student_learning_r
 from absl import flags
 
 from pipelines import common
-from sokd_tf.stages import run
+from sokd_tf.stages import report, run
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags()
@@ -22,7 +22,8 @@ def body():
     outcome = run.run(config, common.FLAGS.workdir, overwrite=common.FLAGS.overwrite,
                       resume_changed=common.resume_changed())
     if "evaluation" in outcome:
-        print(f"report: {common.FLAGS.workdir}/report.md")
+        print(f"done: {report.describe_resources(outcome['resources'])}; "
+              f"report: {common.FLAGS.workdir}/report.md")
     else:
         print("training done; the chief worker evaluates, exports and writes the report")
 

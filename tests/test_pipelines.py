@@ -131,6 +131,11 @@ def test_run_end_to_end(small_fashion_mnist, tmp_path):
     assert {"test_student/top1", "val_peer/top1", "peer/kd_from_teacher", "learning_rate"} <= set(history[0])
     report = (workdir / "report.md").read_text()
     assert "student" in report and "reconstructed teacher" in report
+    _check_numbers_agree(workdir)
+    resources = json.loads((workdir / "run.json").read_text())
+    assert resources["wall_seconds"] > 0 and resources["peak_rss_bytes"] > 100e6
+    assert resources["resumed"] is False
+    assert "Run: " in report and " min " in result.stdout and "peak memory" in result.stdout
 
     # The other entry points work on the finished workdir.
     result = _pipeline("evaluate", [f"--workdir={workdir}"], timeout=300)
@@ -145,6 +150,62 @@ def test_run_end_to_end(small_fashion_mnist, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (workdir / "export" / "serving" / "student").iterdir()) == ["1", "2"]
+
+
+def _percent(value):
+    return f"{100 * value:.2f}"
+
+
+def _table_rows(report, header):
+    """Cells of the markdown table that follows `header` in report.md, by first cell."""
+    lines = report[report.index(header):].splitlines()[1:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    del rows[next(iter(rows))]  # the header row
+    rows = {key: cells for key, cells in rows.items() if not set(cells[1]) <= set("-:")}
+    return rows
+
+
+def _check_numbers_agree(workdir):
+    """The re-evaluation from disk and the report say what the training stage measured."""
+    distill = json.loads((workdir / "distill" / "results.json").read_text())
+    evaluation = json.loads((workdir / "evaluation.json").read_text())
+    history = json.loads((workdir / "distill" / "history.json").read_text())
+    student = distill["roles"]["student"]
+    # Same weights, same test split: the saved last student scores exactly what the
+    # last epoch's test evaluation logged.
+    assert evaluation["student_last"]["top1"] == student["last_test_top1"]
+    assert student["last_test_top1"] == history[-1]["test_student/top1"]
+    assert evaluation["reconstructed_teacher_last"]["top1"] == distill["roles"]["peer"]["last_test_top1"]
+    assert evaluation["teacher"]["top1"] == distill["teacher"]["before_distillation"]["top1"]
+    assert {"teacher_best", "student_best", "reconstructed_teacher_best"} <= set(evaluation)
+
+    report = (workdir / "report.md").read_text()
+    results = _table_rows(report, "## Results (test split)")
+    assert results["student"][4] == _percent(student["last_test_top1"])
+    assert results["student"][5] == _percent(student["last_test_top5"])
+    assert results["student"][2] == str(student["best_epoch"])
+    assert results["peer path (reconstructed teacher)"][4] == _percent(
+        distill["roles"]["peer"]["last_test_top1"])
+    assert results["teacher, before distillation"][4] == _percent(
+        distill["teacher"]["before_distillation"]["top1"])
+    on_disk = _table_rows(report, "## Saved models re-evaluated from disk")
+    assert len(on_disk) == len(evaluation)
+    for result in evaluation.values():
+        cells = on_disk[f"`{os.path.relpath(result['path'], workdir)}`"]
+        assert cells[1] == f"{result['params']:,}"
+        assert cells[2] == _percent(result["top1"]) and cells[3] == _percent(result["top5"])
+    export = json.loads((workdir / "export" / "report.json").read_text())
+    variants = _table_rows(report, "## Exports")
+    for name, result in export["tflite"].items():
+        assert variants[name][3] == _percent(result["top1"])
+        assert variants[name][4] == _percent(result["agreement"])
 
 
 @pytest.mark.slow
@@ -211,3 +272,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(small_fashion_mnist, tmp
     uninterrupted = keras.saving.load_model(reference / "distill" / "student_last.keras")
     for a, b in zip(resumed.weights, uninterrupted.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_run_resources_line_and_record():
+    from sokd_tf.stages import report as report_stage
+
+    record = {"wall_seconds": 819.4, "peak_rss_bytes": 1_254_000_000, "resumed": False}
+    assert report_stage.describe_resources(record) == "13 min 39 s wall, peak memory 1.25 GB"
+    resumed = report_stage.describe_resources({**record, "resumed": True})
+    assert resumed.startswith("13 min 39 s wall") and "resumed" in resumed
+    started = time.monotonic() - 2.0
+    measured = run_stage.resources(started, resumed=True)
+    assert 2.0 <= measured["wall_seconds"] < 60 and measured["resumed"] is True
+    # This test process has imported TensorFlow: well above 100 MB resident.
+    assert measured["peak_rss_bytes"] > 100e6

@@ -13,6 +13,14 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
+def describe_resources(record: dict) -> str:
+    """One line from `run.json`, e.g. `13 min 39 s wall, peak memory 1.25 GB`."""
+    minutes, seconds = divmod(round(record["wall_seconds"]), 60)
+    text = (f"{minutes} min {seconds} s wall, peak memory "
+            f"{record['peak_rss_bytes'] / 1e9:.2f} GB")
+    return text + (" (resumed: only the stages this invocation ran)" if record["resumed"] else "")
+
+
 def _plot(paths: workdir_lib.Workdir, histories: dict, bars: dict) -> list[str]:
     import matplotlib
 
@@ -88,6 +96,9 @@ def write_report(workdir: str) -> str:
         "",
     ]
     lines += _divergence_section(paths, config)
+    resources = workdir_lib.read_json(paths.run_record)
+    if resources:
+        lines += [f"Run: {describe_resources(resources)} (`run.json`).", ""]
     if distill:
         terms = distill.get("loss_terms") or {}
         if terms:

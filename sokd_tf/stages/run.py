@@ -7,7 +7,9 @@ Every stage is also callable alone (`stages.teacher`, `stages.distill`, `stages.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import time
 from collections.abc import Sequence
 
 from sokd_tf.config import HISTORY_KEY, RESUMABLE_FIELDS, RunConfig
@@ -132,6 +134,8 @@ def run(config: RunConfig, workdir: str, *, overwrite: bool = False,
       DivergedError: a training stage diverged; evaluation and export do not run, and
         the chief rewrites `report.md` to say where the run stopped.
     """
+    started = time.monotonic()
+    resumed = os.path.exists(workdir_lib.Workdir(workdir).config) and not overwrite
     trains_teacher = teacher.trains_teacher(config, workdir)
     if not trains_teacher:
         distill.check_teacher(config, workdir)  # a given teacher file must exist
@@ -153,5 +157,21 @@ def run(config: RunConfig, workdir: str, *, overwrite: bool = False,
     outcome["evaluation"] = evaluate_workdir(config, workdir, dataset)
     if not os.path.exists(paths.export_report):
         outcome["export"] = export_stage(config, workdir, dataset)
+    outcome["resources"] = resources(started, resumed)
+    workdir_lib.write_json(paths.run_record, outcome["resources"])
     report.write_report(workdir)
     return outcome
+
+
+def resources(started: float, resumed: bool) -> dict:
+    """Wall time since `started` (time.monotonic) and this process's peak resident memory.
+
+    `resumed`: the invocation continued an existing workdir, so the wall time covers only
+    the stages it ran. Peak memory is the kernel's high-water mark of resident memory
+    (`getrusage`, Linux reports KiB).
+    """
+    return {
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "resumed": resumed,
+    }

@@ -11,6 +11,7 @@ Stages talk to each other only through these files, like pipeline components:
     workdir/<stage>/diverged.json            where a stage stopped on a non-finite value
     workdir/evaluation.json                  test top-1/top-5 of every saved model
     workdir/export/serving/<model>/<version>/, export/tflite/*.tflite, export/report.json
+    workdir/run.json                         wall time and peak memory of the last `run`
     workdir/report.md, workdir/plots/*.png
 
 No other module spells these names; the stages and the exporter ask this one.
@@ -126,6 +127,10 @@ class Workdir:
         return os.path.join(self.root, "report.md")
 
     @property
+    def run_record(self) -> str:
+        return os.path.join(self.root, "run.json")
+
+    @property
     def plots_dir(self) -> str:
         return os.path.join(self.root, "plots")
 
@@ -133,7 +138,7 @@ class Workdir:
         """Everything a run writes (what `--overwrite` removes)."""
         return [
             self.config, self.teacher_dir, self.distill_dir, self.evaluation,
-            self.export_dir, self.report, self.plots_dir,
+            self.export_dir, self.report, self.run_record, self.plots_dir,
         ]
 
 
