@@ -203,6 +203,10 @@ def _check_numbers_agree(workdir):
         assert cells[2] == _percent(result["top1"]) and cells[3] == _percent(result["top5"])
     export = json.loads((workdir / "export" / "report.json").read_text())
     variants = _table_rows(report, "## Exports")
+    for signature, check in export["saved_model"]["verification"].items():
+        assert (f"`{signature}` against the Keras student on {check['num_examples']:,} test images: "
+                f"class agreement {_percent(check['agreement'])} %, max |logit difference| "
+                f"{check['max_abs_logit_error']:.2g}") in report
     for name, result in export["tflite"].items():
         assert variants[name][3] == _percent(result["top1"])
         assert variants[name][4] == _percent(result["agreement"])

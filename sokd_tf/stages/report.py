@@ -236,6 +236,13 @@ def _export_section(export: dict, workdir: str) -> list[str]:
     serving = export.get("saved_model") or {}
     if serving:
         lines += [f"SavedModel (TF Serving): `{os.path.relpath(serving.get('path', ''), workdir)}`", ""]
+        for signature, check in (serving.get("verification") or {}).items():
+            lines.append(
+                f"- `{signature}` against the Keras student on {check['num_examples']:,} test "
+                f"images: class agreement {_pct(check['agreement'])} %, max |logit difference| "
+                f"{check['max_abs_logit_error']:.2g}"
+            )
+        lines.append("")
     variants = export.get("tflite") or {}
     if variants:
         lines += [
