@@ -13,7 +13,7 @@ from absl import flags
 
 from pipelines import common
 from sokd_tf.data import load_dataset
-from sokd_tf.stages.evaluate import evaluate_model, evaluate_workdir, load_model
+from sokd_tf.stages.evaluate import evaluate_model, evaluate_workdir, load_model, saved_models
 
 common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags(overwrite=False)
@@ -28,6 +28,8 @@ def config():
 
 def body():
     run_config = config()
+    if not common.FLAGS.model_path:
+        saved_models(run_config, common.FLAGS.workdir)  # refuses an empty workdir before reading data
     dataset = load_dataset(run_config.data, seed=run_config.train.seed)
     if common.FLAGS.model_path:
         model = load_model(common.FLAGS.model_path)

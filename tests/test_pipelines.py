@@ -111,6 +111,14 @@ def test_bad_flag_exits_nonzero_with_one_line(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_evaluate_on_a_workdir_without_models_is_one_error(tmp_path):
+    result = _pipeline("evaluate", [f"--workdir={tmp_path}"], timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path} holds no saved model to evaluate")
+    assert "--model_path" in last and "[data]" not in result.stderr  # refused before reading data
+
+
 @pytest.mark.slow
 def test_run_end_to_end(small_fashion_mnist, tmp_path):
     workdir = tmp_path / "run"

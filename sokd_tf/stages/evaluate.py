@@ -9,6 +9,7 @@ import numpy as np
 
 from sokd_tf.config import ModelConfig, RunConfig
 from sokd_tf.data import ImageDataset
+from sokd_tf.errors import ConfigError
 from sokd_tf.models import specs
 from sokd_tf.stages import teacher
 from sokd_tf.stages import workdir as workdir_lib
@@ -67,6 +68,28 @@ SAVED_MODELS = (
 )
 
 
+def saved_models(config: RunConfig, workdir: str) -> dict[str, str]:
+    """Name -> path of every model file the run saved that exists (evaluation.json's keys).
+
+    Raises:
+      ConfigError: the workdir holds none of them (nothing to evaluate).
+    """
+    paths = workdir_lib.Workdir(workdir)
+    candidates = {"teacher": teacher.teacher_path(config, workdir) or paths.teacher_checkpoint}
+    for name, stem, which in SAVED_MODELS:
+        stage = paths.teacher if stem == "teacher" else paths.distill
+        candidates[name] = stage.model(stem, which)
+    found = {name: path for name, path in candidates.items() if os.path.exists(path)}
+    if not found:
+        raise ConfigError(
+            f"{workdir} holds no saved model to evaluate (looked for "
+            f"{os.path.relpath(paths.teacher_checkpoint, workdir)} and distill/*_best.keras, "
+            f"*_last.keras): train first (`sokd-tf run` or `sokd-tf distill`) or pass "
+            f"--model_path=FILE.keras"
+        )
+    return found
+
+
 def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
     """Test top-1/top-5 of every model the run saved; writes `evaluation.json`.
 
@@ -77,14 +100,8 @@ def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> 
     """
     paths = workdir_lib.Workdir(workdir)
     test_data = dataset.eval_batches("test", config.data.eval_batch_size)
-    candidates = {"teacher": teacher.teacher_path(config, workdir) or paths.teacher_checkpoint}
-    for name, stem, which in SAVED_MODELS:
-        stage = paths.teacher if stem == "teacher" else paths.distill
-        candidates[name] = stage.model(stem, which)
     results = {}
-    for name, path in candidates.items():
-        if not os.path.exists(path):
-            continue
+    for name, path in saved_models(config, workdir).items():
         model = load_model(path, config.model)
         if tuple(model.input_shape[1:]) != tuple(dataset.info.image_shape):
             continue  # SOKD's peer takes teacher features; reconstructed_teacher is its image model.
