@@ -19,7 +19,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipelines.run", "the whole job: teacher -> distillation -> evaluation -> export -> report"),
     "train-teacher": ("pipelines.train_teacher", "vanilla training of the teacher -> teacher/teacher.keras"),
-    "distill": ("pipelines.distill", "train the student with --method=vanilla|kd|dml|sokd"),
+    "distill": ("pipelines.distill", "train the student with --method=vanilla|kd|fitnet|at|dml|sokd"),
     "evaluate": ("pipelines.evaluate", "top-1/top-5 of every model saved in --workdir, or of one .keras"),
     "export": ("pipelines.export_student", "SavedModel + verified LiteRT files + export/report.json"),
     "make-tfrecords": ("pipelines.make_tfrecords", "write any data source as sharded TFRecords of tf.Example"),

@@ -340,3 +340,11 @@ def test_stage_commands_under_two_workers_report_the_same_record(small_fashion_m
             assert line in log.splitlines(), log[-3000:]
     for log in logs["train-teacher"]:
         assert expected in log.splitlines(), log[-3000:]
+
+
+def test_distill_summary_lists_every_method():
+    from pipelines import cli
+    from sokd_tf import config as config_lib
+
+    summary = cli.COMMANDS["distill"][1]
+    assert summary.endswith("--method=" + "|".join(config_lib.METHODS))
