@@ -6,7 +6,7 @@
 Rows:
   * real Fashion-MNIST (quickstart preset: IDX files in memory, training augmentation),
   * a synthetic in-memory 32x32x3 set (CIFAR-sized, 50,000 images),
-  * the same Fashion-MNIST images streamed from PNG TFRecords (`cache=False`: decoded
+  * the same Fashion-MNIST images streamed from PNG TFRecords (`cache="never"`: decoded
     every epoch), the slow path for data that does not fit in memory.
 Each input rate is printed beside the images/s of one SOKD training step
 (`SemiOnlineDistiller`, quickstart models wrn_16_2 teacher -> wrn_16_1 student, batch 128)
@@ -119,7 +119,7 @@ def main(argv):
         write_tfrecords(fashion.raw_images("test", 1000), directory, "test", 1)
         streamed = load_dataset(config_lib.DataConfig(
             source="tfrecord", data_dir=directory, normalization="dataset", validation_size=0,
-            cache=False))
+            cache="never"))
         stream_rate = input_rate(streamed)
 
     fashion_rate = input_rate(fashion)
