@@ -166,6 +166,10 @@ class ImageDataset:
         self._shuffle_window_mb = shuffle_window_mb
         self._tensors: dict[str, tuple[tf.Tensor, tf.Tensor]] = {}
 
+    def is_cached(self, split: str) -> bool:
+        """True when `split`'s decoded images are held in memory (else streamed)."""
+        return self._split(split).in_memory
+
     def normalize(self, pixels: tf.Tensor) -> tf.Tensor:
         """Normalises raw pixels (uint8 or float in [0, 255]) with this dataset's mean/std."""
         return normalize(pixels, self.info.mean, self.info.std)
