@@ -40,6 +40,8 @@ NORMALIZATIONS = ("dataset", "cifar10", "none")
 # "auto": keep a file source's decoded images in memory when they fit
 # `DataConfig.cache_budget_mb`, else stream them; "always" / "never" force one or the other.
 CACHE_MODES = ("auto", "always", "never")
+# Training augmentation (sokd_tf/data/augment.py): the CIFAR recipe, or ImageNet's.
+AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop")
 IMAGE_CHANNELS = (1, 3)
 # The fields a continued run may change (`stages.run.prepare_workdir(resume_changed=...)`,
 # `--resume_changed`): the step size and the arithmetic, the fixes of a diverged run.
@@ -130,7 +132,12 @@ class DataConfig:
         image-folder root). None = the source's own default.
       normalization: "dataset" (per-dataset mean/std), "cifar10" (the authors' CIFAR-10
         statistics, their quirk for CIFAR-100) or "none" (scale to [0, 1] only).
-      pad: reflect padding before the random crop back to the image's own size; 0 = no crop.
+      augmentation: "pad_crop_flip" (reflect-pad, random crop back to the image's own
+        size, flip: the CIFAR recipe) or "random_resized_crop" (a random box of 8-100 %
+        of the area, aspect 3/4-4/3, resized back to the image's own size, flip: the
+        ImageNet recipe).
+      pad: reflect padding before the random crop back to the image's own size; 0 = no
+        crop (pad_crop_flip only).
       flip: random horizontal flip during training.
       batch_size: global training batch size.
       eval_batch_size: batch size for evaluation.
@@ -163,6 +170,7 @@ class DataConfig:
     name: str = "cifar100"
     data_dir: str | None = None
     normalization: str = "cifar10"
+    augmentation: str = "pad_crop_flip"
     pad: int = 4
     flip: bool = True
     batch_size: int = 128
@@ -191,6 +199,7 @@ class DataConfig:
                 f"{self.channels!r} (only grayscale -> 3 channels is converted)"
             )
         _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("data.augmentation", self.augmentation, AUGMENTATIONS)
         _check_range("data.pad", self.pad, low=0)
         _check_range("data.batch_size", self.batch_size, low=1)
         _check_range("data.eval_batch_size", self.eval_batch_size, low=1)

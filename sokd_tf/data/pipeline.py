@@ -53,7 +53,7 @@ import tensorflow as tf
 
 from sokd_tf import config as config_lib
 from sokd_tf.data import fashion_mnist, image_folder, tfds_source, tfrecord
-from sokd_tf.data.augment import pad_crop_flip
+from sokd_tf.data.augment import pad_crop_flip, random_resized_crop_flip
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.data.records import data_errors
 from sokd_tf.data.source import SourceData, SourceSplit
@@ -152,9 +152,10 @@ class ImageDataset:
         deterministic: bool = True,
         drop_remainder: bool = False,
         shuffle_window_mb: float = config_lib.DataConfig.shuffle_window_mb,
+        augmentation: str = config_lib.DataConfig.augmentation,
     ):
         height, width = info.image_shape[:2]
-        if pad >= min(height, width):
+        if augmentation == "pad_crop_flip" and pad >= min(height, width):
             raise ConfigError(f"data.pad={pad} must be smaller than the image size "
                               f"{height}x{width}")
         self.info = info
@@ -164,6 +165,7 @@ class ImageDataset:
         self._deterministic = deterministic
         self._drop_remainder = drop_remainder
         self._shuffle_window_mb = shuffle_window_mb
+        self._augmentation = augmentation
         self._tensors: dict[str, tuple[tf.Tensor, tf.Tensor]] = {}
 
     def is_cached(self, split: str) -> bool:
@@ -225,8 +227,9 @@ class ImageDataset:
           seed: seed of the order and the augmentation.
           first_epoch: epoch of the first batch (resuming); epoch e is the same whatever
             epoch the pipeline started at.
-          augment: apply the training augmentation (reflect-pad `pad` -> random crop ->
-            random horizontal flip, as configured), on the raw images before any resize.
+          augment: apply the training augmentation (`DataConfig.augmentation`: reflect-pad
+            `pad` -> random crop -> random horizontal flip, or random-resized crop ->
+            flip), on the raw images before any resize.
           drop_remainder: drop each epoch's last partial batch; None = the DataConfig's.
           steps_per_epoch: keep only the first this many batches of every epoch (short
             runs, `TrainConfig.steps_per_epoch`), at most one full pass so data epochs
@@ -271,7 +274,10 @@ class ImageDataset:
 
         def finish(batch_seed, *batch):
             batch_seed, batch_images, batch_labels = assemble(batch_seed, *batch)
-            if augment:
+            if augment and self._augmentation == "random_resized_crop":
+                batch_images = random_resized_crop_flip(batch_images, batch_seed,
+                                                        flip=self._flip)
+            elif augment:
                 batch_images = pad_crop_flip(batch_images, batch_seed,
                                              pad=self._pad, flip=self._flip)
             return self.model_inputs(batch_images), tf.cast(batch_labels, tf.int32)
@@ -497,4 +503,5 @@ def dataset_from_source(source: SourceData, data_config: config_lib.DataConfig,
         deterministic=data_config.deterministic,
         drop_remainder=data_config.drop_remainder,
         shuffle_window_mb=data_config.shuffle_window_mb,
+        augmentation=data_config.augmentation,
     )
