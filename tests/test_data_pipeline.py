@@ -218,9 +218,9 @@ def test_random_resized_crop_full_box_is_the_image_or_its_mirror():
     same = random_resized_crop_flip(images, seed, flip=False, scale=(1, 1), ratio=(1, 1))
     np.testing.assert_allclose(same, images, atol=1e-4)
     flipped = random_resized_crop_flip(images, seed, flip=True, scale=(1, 1), ratio=(1, 1))
-    mirrored = [np.allclose(f, i[:, ::-1], atol=1e-4) for f, i in zip(flipped, images)]
-    kept = [np.allclose(f, i, atol=1e-4) for f, i in zip(flipped, images)]
-    assert all(m or k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < 16
+    mirrored = [np.allclose(f, i[:, ::-1], atol=1e-4) for f, i in zip(flipped, images, strict=True)]
+    kept = [np.allclose(f, i, atol=1e-4) for f, i in zip(flipped, images, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and 0 < sum(mirrored) < 16
     crops = random_resized_crop_flip(images, seed, flip=True)
     assert crops.shape == images.shape and crops.dtype == tf.float32
     np.testing.assert_array_equal(crops, random_resized_crop_flip(images, seed, flip=True))

@@ -411,7 +411,7 @@ def _cache_splits(source: SourceData, data_config: config_lib.DataConfig
     cache = mode == "always" or (mode == "auto" and needed <= budget)
     if mode == "auto":
         why = (f"{needed / 2**20:,.1f} MiB of decoded images {'fit' if cache else 'exceed'} "
-               f"the {data_config.cache_budget_mb:,} MiB budget (data.cache_budget_mb)")
+               f"the {data_config.cache_budget_mb:,g} MiB budget (data.cache_budget_mb)")
     else:
         why = f"data.cache={mode!r} ({needed / 2**20:,.1f} MiB of decoded images)"
     logger.info("[data] %s: %s %s", source.name,
