@@ -45,6 +45,8 @@ _CHOICES = {
     "model.batch_norm": config_lib.BATCH_NORMS,
     "data.source": config_lib.DATA_SOURCES,
     "data.normalization": config_lib.NORMALIZATIONS,
+    "data.cache": config_lib.CACHE_MODES,
+    "data.augmentation": config_lib.AUGMENTATIONS,
     "train.method": config_lib.METHODS,
     "train.teacher_bn_mode": config_lib.TEACHER_BN_MODES,
     "train.baseline_recipe": config_lib.BASELINE_RECIPES,

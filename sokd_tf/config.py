@@ -37,6 +37,11 @@ BATCH_NORMS = ("auto", "fused", "stock")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 BASELINE_RECIPES = ("standard", "sokd")
 NORMALIZATIONS = ("dataset", "cifar10", "none")
+# "auto": keep a file source's decoded images in memory when they fit
+# `DataConfig.cache_budget_mb`, else stream them; "always" / "never" force one or the other.
+CACHE_MODES = ("auto", "always", "never")
+# Training augmentation (sokd_tf/data/augment.py): the CIFAR recipe, or ImageNet's.
+AUGMENTATIONS = ("pad_crop_flip", "random_resized_crop")
 IMAGE_CHANNELS = (1, 3)
 # The fields a continued run may change (`stages.run.prepare_workdir(resume_changed=...)`,
 # `--resume_changed`): the step size and the arithmetic, the fixes of a diverged run.
@@ -127,7 +132,12 @@ class DataConfig:
         image-folder root). None = the source's own default.
       normalization: "dataset" (per-dataset mean/std), "cifar10" (the authors' CIFAR-10
         statistics, their quirk for CIFAR-100) or "none" (scale to [0, 1] only).
-      pad: reflect padding before the random crop back to the image's own size; 0 = no crop.
+      augmentation: "pad_crop_flip" (reflect-pad, random crop back to the image's own
+        size, flip: the CIFAR recipe) or "random_resized_crop" (a random box of 8-100 %
+        of the area, aspect 3/4-4/3, resized back to the image's own size, flip: the
+        ImageNet recipe).
+      pad: reflect padding before the random crop back to the image's own size; 0 = no
+        crop (pad_crop_flip only).
       flip: random horizontal flip during training.
       batch_size: global training batch size.
       eval_batch_size: batch size for evaluation.
@@ -135,7 +145,17 @@ class DataConfig:
         0 = the paper's protocol (all training images trained on, best epoch chosen on
         test, labelled "as the paper reports").
       drop_remainder: drop the last partial training batch (TPU / multi-worker).
-      cache: cache decoded images in memory.
+      cache: keep the decoded images of a file source (tfrecord, image_folder, tfds) in
+        memory: "auto" (when they fit cache_budget_mb, else stream them), "always" or
+        "never" (decode, check and augment inside tf.data every epoch). Both give the
+        same batches. The IDX source is always in memory. Config files written before
+        the modes existed may hold true ("always") or false ("never").
+      cache_budget_mb: memory (MiB) the decoded images of all splits may take for
+        cache="auto" to keep them in memory.
+      shuffle_window_mb: memory (MiB) of encoded records a TFRecord or tfds split
+        shuffles together: a split that fits is shuffled fully (the in-memory order),
+        a larger one gets a seeded shard order, an interleave over shards and a seeded
+        shuffle within windows of this size; cached or streamed alike.
       deterministic: deterministic tf.data ordering.
       image_size: resize every image (bilinear, after the augmentation) to
         image_size x image_size before it reaches a model, e.g. 32 for keras.applications
@@ -150,19 +170,27 @@ class DataConfig:
     name: str = "cifar100"
     data_dir: str | None = None
     normalization: str = "cifar10"
+    augmentation: str = "pad_crop_flip"
     pad: int = 4
     flip: bool = True
     batch_size: int = 128
     eval_batch_size: int = 256
     validation_size: int = 0
     drop_remainder: bool = False
-    cache: bool = True
+    cache: str = "auto"
+    cache_budget_mb: float = 2048.0
+    shuffle_window_mb: float = 256.0
     deterministic: bool = True
     image_size: int | None = None
     channels: int | None = None
 
     def __post_init__(self):
         _check_choice("data.source", self.source, DATA_SOURCES)
+        if isinstance(self.cache, bool):  # config files of the boolean field
+            object.__setattr__(self, "cache", "always" if self.cache else "never")
+        _check_choice("data.cache", self.cache, CACHE_MODES)
+        _check_range("data.cache_budget_mb", self.cache_budget_mb, low=0)
+        _check_range("data.shuffle_window_mb", self.shuffle_window_mb, low=0.0, strict=True)
         if self.image_size is not None:
             _check_range("data.image_size", self.image_size, low=1)
         if self.channels is not None and self.channels not in IMAGE_CHANNELS:
@@ -171,6 +199,7 @@ class DataConfig:
                 f"{self.channels!r} (only grayscale -> 3 channels is converted)"
             )
         _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("data.augmentation", self.augmentation, AUGMENTATIONS)
         _check_range("data.pad", self.pad, low=0)
         _check_range("data.batch_size", self.batch_size, low=1)
         _check_range("data.eval_batch_size", self.eval_batch_size, low=1)

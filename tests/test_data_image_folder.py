@@ -59,7 +59,7 @@ def test_round_trip_gives_identical_images_labels_and_class_names(tmp_path):
 def test_streaming_mode_matches_cached(tmp_path):
     _make_folder(tmp_path)
     cached = load_dataset(_config(tmp_path, validation_size=3))
-    streamed = load_dataset(_config(tmp_path, validation_size=3, cache=False))
+    streamed = load_dataset(_config(tmp_path, validation_size=3, cache="never"))
     for split in ("train", "validation", "test"):
         np.testing.assert_array_equal(streamed.raw_images(split)[0], cached.raw_images(split)[0])
     np.testing.assert_array_equal(

@@ -209,3 +209,31 @@ def test_batches_feed_keras_fit():
     history = model.fit(dataset.train_batches(16, seed=0), epochs=2,
                         steps_per_epoch=dataset.steps_per_epoch(16), shuffle=False, verbose=0)
     assert len(history.history["loss"]) == 2
+
+
+def test_random_resized_crop_full_box_is_the_image_or_its_mirror():
+    from sokd_tf.data.augment import random_resized_crop_flip
+    images = np.random.default_rng(0).integers(0, 256, (16, 7, 9, 3)).astype(np.uint8)
+    seed = tf.constant([4, 2], tf.int64)
+    same = random_resized_crop_flip(images, seed, flip=False, scale=(1, 1), ratio=(1, 1))
+    np.testing.assert_allclose(same, images, atol=1e-4)
+    flipped = random_resized_crop_flip(images, seed, flip=True, scale=(1, 1), ratio=(1, 1))
+    mirrored = [np.allclose(f, i[:, ::-1], atol=1e-4) for f, i in zip(flipped, images, strict=True)]
+    kept = [np.allclose(f, i, atol=1e-4) for f, i in zip(flipped, images, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and 0 < sum(mirrored) < 16
+    crops = random_resized_crop_flip(images, seed, flip=True)
+    assert crops.shape == images.shape and crops.dtype == tf.float32
+    np.testing.assert_array_equal(crops, random_resized_crop_flip(images, seed, flip=True))
+    assert not np.allclose(crops, random_resized_crop_flip(images, seed + 1, flip=True))
+    # Bilinear resampling stays within the pixel range.
+    assert float(tf.reduce_min(crops)) >= 0 and float(tf.reduce_max(crops)) <= 255
+
+
+def test_random_resized_crop_is_the_configured_training_augmentation():
+    dataset = _synthetic(size=20, augmentation="random_resized_crop")
+    first = next(iter(dataset.train_batches(8, seed=1)))
+    again = next(iter(dataset.train_batches(8, seed=1)))
+    plain = next(iter(dataset.train_batches(8, seed=1, augment=False)))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], plain[1])
+    assert not np.allclose(first[0], plain[0])

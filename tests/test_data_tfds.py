@@ -43,7 +43,7 @@ def test_paper_preset_uses_the_cifar10_statistics():
 def test_streaming_mode_reads_the_same_examples():
     with tfds.testing.mock_data(num_examples=10):
         cached = load_dataset(_config(validation_size=0))
-        streamed = load_dataset(_config(validation_size=0, cache=False))
+        streamed = load_dataset(_config(validation_size=0, cache="never"))
         np.testing.assert_array_equal(streamed.raw_images("test")[0], cached.raw_images("test")[0])
 
 

@@ -99,7 +99,7 @@ def test_streaming_mode_reads_the_same_data(tmp_path):
     train, test = _arrays(40), _arrays(9, seed=1)
     _write(tmp_path, train, test)
     cached = load_dataset(_config(tmp_path, validation_size=10), seed=2)
-    streamed = load_dataset(_config(tmp_path, validation_size=10, cache=False), seed=2)
+    streamed = load_dataset(_config(tmp_path, validation_size=10, cache="never"), seed=2)
     for split in ("train", "validation", "test"):
         np.testing.assert_array_equal(streamed.raw_images(split)[0], cached.raw_images(split)[0])
         np.testing.assert_array_equal(streamed.raw_images(split)[1], cached.raw_images(split)[1])

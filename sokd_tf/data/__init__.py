@@ -8,12 +8,14 @@ Sources (one module each): `fashion_mnist` (IDX files, offline default), `tfds_s
 from sokd_tf.data.convert import convert_to_tfrecords
 from sokd_tf.data.info import DatasetInfo
 from sokd_tf.data.pipeline import ImageDataset, load_dataset, model_inputs, normalize
+from sokd_tf.data.records import data_errors
 from sokd_tf.data.tfrecord import write_dataset_info, write_tfrecords
 
 __all__ = [
     "DatasetInfo",
     "ImageDataset",
     "convert_to_tfrecords",
+    "data_errors",
     "load_dataset",
     "model_inputs",
     "normalize",

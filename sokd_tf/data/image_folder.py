@@ -7,7 +7,9 @@ Class names are the sorted sub-directory names of `train/`; label = index in tha
 `test/` may lack a class but may not add one. Files are listed with `tf.io.gfile` (so any
 filesystem TF supports works) in sorted order and decoded with `tf.io.decode_image` at
 their own size: unlike `image_dataset_from_directory`, nothing is resized, and images
-of differing size or channel count are reported instead of silently reshaped.
+of differing size or channel count are reported instead of silently reshaped. Up front
+only the listing and the first image of each split are read; the pipeline reads, decodes
+and checks every other file (`records.RecordSplit`, one example per file).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from sokd_tf.data.decode import check_images, decode_dataset
+from sokd_tf.data.decode import check_images, decode_image
+from sokd_tf.data.records import RecordSplit
 from sokd_tf.data.source import SourceData, SourceSplit, check_split_sizes
 from sokd_tf.errors import DataError
 
@@ -54,17 +57,16 @@ def _list_files(split_dir: str, class_names: list[str], known: list[str]):
     return paths, np.asarray(labels, np.int32)
 
 
-def load(data_dir: str, *, cache: bool = True, name: str = "image_folder") -> SourceData:
+def load(data_dir: str, *, name: str = "image_folder") -> SourceData:
     """Reads and validates the train and test splits of an image-folder dataset.
 
     Args:
       data_dir: root laid out as in the module docstring.
-      cache: keep decoded images in memory (else decoded again every epoch).
       name: dataset label.
 
     Raises:
       DataError: missing directories, no class sub-directories, empty splits,
-        undecodable files, images of different sizes or channel counts.
+        a first image that does not decode or has another size or channel count.
     """
     if not tf.io.gfile.isdir(data_dir):
         raise DataError(f"image-folder directory {data_dir} does not exist")
@@ -77,23 +79,19 @@ def load(data_dir: str, *, cache: bool = True, name: str = "image_folder") -> So
         if not paths:
             raise DataError(f"split {split!r} is empty: no {'/'.join(EXTENSIONS)} files under "
                             f"{split_dir}/<class name>/ (expected >= 1 image)")
-        encoded = tf.data.Dataset.from_tensor_slices(paths).map(
-            tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        image_shape, images = check_images(
-            encoded, len(paths), lambda i, p=paths: p[i], image_shape,
-            expected_from="the train split", keep_pixels=cache)
-        if cache:
-            splits[split] = SourceSplit(size=len(paths), labels=labels, images=images)
-        else:
-            splits[split] = SourceSplit(size=len(paths), labels=labels,
-                                        stream=_streamer(encoded, labels, image_shape))
+        first = tf.data.Dataset.from_tensors(paths[0]).map(tf.io.read_file)
+        image_shape, _ = check_images(first, 1, lambda i, p=paths: p[i], image_shape,
+                                      expected_from="the train split")
+        shape_from = f"the first image ({paths[0]})" if split == "train" else "the train split"
+        splits[split] = SourceSplit(size=len(paths), labels=labels, records=RecordSplit(
+            names=tuple(paths), counts=(1,) * len(paths), image_shape=image_shape,
+            shape_from=shape_from, decode=decode_image, fetch=_fetcher(paths)))
     check_split_sizes(name, splits)
     return SourceData(name=name, class_names=tuple(class_names), image_shape=image_shape,
                       splits=splits)
 
 
-def _streamer(encoded, labels, image_shape):
-    def stream() -> tf.data.Dataset:
-        return tf.data.Dataset.zip(decode_dataset(encoded, image_shape),
-                                   tf.data.Dataset.from_tensor_slices(labels))
-    return stream
+def _fetcher(paths):
+    def fetch(index):
+        return tf.io.read_file(tf.gather(tf.constant(paths), index))
+    return fetch

@@ -12,12 +12,21 @@ Determinism: the order and augmentation of training epoch e depend only on (seed
 the permutation and every augmentation draw are stateless random ops seeded from
 (seed, e) (and the batch index), so a run resumed at epoch e sees exactly the batches an
 uninterrupted run sees in epoch e. Each epoch is batched on its own, so it ends with its
-own partial batch and `steps_per_epoch` is exact. In-memory splits (the default) are
-permuted by index, a full shuffle. Streamed splits (file sources with `cache=False`) go
-through a `tf.data` shuffle buffer of `SHUFFLE_BUFFER` examples seeded from (seed, e);
-tf.data combines that seed with TF's global seed (`keras.utils.set_random_seed`), so a
-streamed run is reproducible when the global seed is set the same way too, and its
-shuffle is only as good as the buffer (store files in shuffled order).
+own partial batch and `steps_per_epoch` is exact. The IDX source's in-memory splits and
+image folders are permuted by index, a full shuffle. TFRecord and tfds splits, which can
+only be read front to back, are permuted the same way when their encoded records fit
+`DataConfig.shuffle_window_mb`; larger ones get a seeded shard order, a deterministic
+interleave over shards and a seeded permutation within windows of that size
+(`records.py`), a shuffle only as good as the window: store such files in shuffled order
+(the converters keep the source's order).
+
+Cached or streamed (file sources): `DataConfig.cache` "auto" keeps the decoded images in
+memory when all splits together fit `cache_budget_mb`, else streams them: read, decoded,
+checked and augmented inside `tf.data` every epoch, nothing decoded up front. The choice
+is logged with the estimate and the budget. Both paths follow the same order of example
+indices and the same augmentation seeds, so they give identical batches; a streamed image
+that does not decode, or has another shape, fails the iteration with a DataError naming
+its file and record (`records.data_errors`).
 
 Validation hold-out: `validation_size` images are drawn from the source's train split
 by a permutation seeded with `seed`; both parts keep their original relative order.
@@ -35,6 +44,7 @@ Reference: docs/METHOD.md, "Data" and "Protocol".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -43,13 +53,13 @@ import tensorflow as tf
 
 from sokd_tf import config as config_lib
 from sokd_tf.data import fashion_mnist, image_folder, tfds_source, tfrecord
-from sokd_tf.data.augment import pad_crop_flip
+from sokd_tf.data.augment import pad_crop_flip, random_resized_crop_flip
 from sokd_tf.data.info import DatasetInfo
+from sokd_tf.data.records import data_errors
 from sokd_tf.data.source import SourceData, SourceSplit
 from sokd_tf.errors import ConfigError, DataError
 
 DEFAULT_SEED = 8888
-SHUFFLE_BUFFER = 16384
 EVAL_SPLITS = ("train", "validation", "test")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -141,9 +151,11 @@ class ImageDataset:
         flip: bool = True,
         deterministic: bool = True,
         drop_remainder: bool = False,
+        shuffle_window_mb: float = config_lib.DataConfig.shuffle_window_mb,
+        augmentation: str = config_lib.DataConfig.augmentation,
     ):
         height, width = info.image_shape[:2]
-        if pad >= min(height, width):
+        if augmentation == "pad_crop_flip" and pad >= min(height, width):
             raise ConfigError(f"data.pad={pad} must be smaller than the image size "
                               f"{height}x{width}")
         self.info = info
@@ -152,7 +164,13 @@ class ImageDataset:
         self._flip = flip
         self._deterministic = deterministic
         self._drop_remainder = drop_remainder
+        self._shuffle_window_mb = shuffle_window_mb
+        self._augmentation = augmentation
         self._tensors: dict[str, tuple[tf.Tensor, tf.Tensor]] = {}
+
+    def is_cached(self, split: str) -> bool:
+        """True when `split`'s decoded images are held in memory (else streamed)."""
+        return self._split(split).in_memory
 
     def normalize(self, pixels: tf.Tensor) -> tf.Tensor:
         """Normalises raw pixels (uint8 or float in [0, 255]) with this dataset's mean/std."""
@@ -209,8 +227,9 @@ class ImageDataset:
           seed: seed of the order and the augmentation.
           first_epoch: epoch of the first batch (resuming); epoch e is the same whatever
             epoch the pipeline started at.
-          augment: apply the training augmentation (reflect-pad `pad` -> random crop ->
-            random horizontal flip, as configured), on the raw images before any resize.
+          augment: apply the training augmentation (`DataConfig.augmentation`: reflect-pad
+            `pad` -> random crop -> random horizontal flip, or random-resized crop ->
+            flip), on the raw images before any resize.
           drop_remainder: drop each epoch's last partial batch; None = the DataConfig's.
           steps_per_epoch: keep only the first this many batches of every epoch (short
             runs, `TrainConfig.steps_per_epoch`), at most one full pass so data epochs
@@ -229,39 +248,36 @@ class ImageDataset:
                             f"(batches in one pass over the train split)")
         train = self._splits["train"]
         base_seed = tf.constant(seed, tf.int64)
+        window = self._shuffle_window_mb
 
         if train.in_memory:
             images, labels = self._in_memory("train")
-            size = train.size
 
             def epoch_batches(epoch):
                 epoch_seed = tf.stack([base_seed, epoch])
-                order = tf.random.experimental.stateless_shuffle(
-                    tf.range(size), seed=tf.random.experimental.stateless_fold_in(epoch_seed, 0))
                 return _with_seeds(
-                    tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop), epoch_seed)
+                    train.epoch_indices(epoch_seed, window).batch(batch_size, drop), epoch_seed)
 
             def assemble(batch_seed, indices):
                 return batch_seed, tf.gather(images, indices), tf.gather(labels, indices)
         else:
-            stream = train.stream
-            buffer_size = min(train.size, SHUFFLE_BUFFER)
+            labels = tf.constant(train.labels)
 
             def epoch_batches(epoch):
                 epoch_seed = tf.stack([base_seed, epoch])
-                shuffle_seed = tf.cast(
-                    tf.random.experimental.stateless_fold_in(epoch_seed, 0)[0] % (2**31 - 1),
-                    tf.int64)
-                examples = stream().shuffle(buffer_size, seed=shuffle_seed,
-                                            reshuffle_each_iteration=False)
+                examples = train.records.epoch_images(epoch_seed, window)
                 return _with_seeds(examples.batch(batch_size, drop), epoch_seed)
 
             def assemble(batch_seed, batch):
-                return batch_seed, batch[0], batch[1]
+                indices, batch_images = batch
+                return batch_seed, batch_images, tf.gather(labels, indices)
 
         def finish(batch_seed, *batch):
             batch_seed, batch_images, batch_labels = assemble(batch_seed, *batch)
-            if augment:
+            if augment and self._augmentation == "random_resized_crop":
+                batch_images = random_resized_crop_flip(batch_images, batch_seed,
+                                                        flip=self._flip)
+            elif augment:
                 batch_images = pad_crop_flip(batch_images, batch_seed,
                                              pad=self._pad, flip=self._flip)
             return self.model_inputs(batch_images), tf.cast(batch_labels, tf.int32)
@@ -293,9 +309,10 @@ class ImageDataset:
                                  tf.gather(labels, indices)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:
-            dataset = data.stream().batch(batch_size).map(
-                lambda batch_images, batch_labels: (self.model_inputs(batch_images),
-                                                    tf.cast(batch_labels, tf.int32)),
+            labels = tf.constant(data.labels)
+            dataset = data.records.fixed_images().batch(batch_size).map(
+                lambda indices, batch_images: (self.model_inputs(batch_images),
+                                               tf.gather(labels, indices)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
         return self._options(dataset)
@@ -306,7 +323,8 @@ class ImageDataset:
         if data.in_memory:
             images, labels = self._in_memory(split)
             return tf.data.Dataset.from_tensor_slices((images, labels))
-        return data.stream()
+        labels = tf.constant(data.labels)
+        return data.records.fixed_images().map(lambda index, image: (image, labels[index]))
 
     def raw_images(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw pixels of `split` in fixed order (export calibration and verification).
@@ -318,10 +336,10 @@ class ImageDataset:
         count = data.size if limit is None else min(limit, data.size)
         if data.in_memory:
             return data.images[:count], data.labels[:count]
-        chunks = list(data.stream().take(count).batch(4096).as_numpy_iterator())
-        return (np.concatenate([c[0] for c in chunks]).astype(np.uint8),
-                np.concatenate([c[1] for c in chunks]).astype(np.int32))
-
+        with data_errors():
+            chunks = [images for _, images in
+                      data.records.fixed_images().take(count).batch(4096).as_numpy_iterator()]
+        return np.concatenate(chunks).astype(np.uint8), data.labels[:count]
 
 
 def _with_seeds(batches: tf.data.Dataset, epoch_seed: tf.Tensor) -> tf.data.Dataset:
@@ -341,24 +359,7 @@ def _hold_out(split: SourceSplit, validation_size: int, seed: int
     chosen = np.random.default_rng(seed).permutation(split.size)[:validation_size]
     is_validation = np.zeros(split.size, bool)
     is_validation[chosen] = True
-    parts = []
-    for keep in (~is_validation, is_validation):
-        labels = split.labels[keep]
-        if split.in_memory:
-            parts.append(SourceSplit(size=len(labels), labels=labels, images=split.images[keep]))
-        else:
-            parts.append(SourceSplit(size=len(labels), labels=labels,
-                                     stream=_filtered(split.stream, keep)))
-    return parts[0], parts[1]
-
-
-def _filtered(stream, keep: np.ndarray):
-    def filtered() -> tf.data.Dataset:
-        mask = tf.constant(keep)
-        return (stream().enumerate()
-                .filter(lambda index, example: mask[index])
-                .map(lambda index, example: example))
-    return filtered
+    return split.subset(~is_validation), split.subset(is_validation)
 
 
 def _statistics(split: SourceSplit, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -367,10 +368,12 @@ def _statistics(split: SourceSplit, channels: int) -> tuple[tuple[float, ...], t
     if split.in_memory:
         chunks = (split.images[i:i + 4096] for i in range(0, split.size, 4096))
     else:
-        chunks = (c[0] for c in split.stream().batch(4096).as_numpy_iterator())
-    for chunk in chunks:
-        for channel in range(channels):
-            histograms[channel] += np.bincount(chunk[..., channel].ravel(), minlength=256)
+        chunks = (images for _, images in
+                  split.records.fixed_images().batch(4096).as_numpy_iterator())
+    with data_errors():
+        for chunk in chunks:
+            for channel in range(channels):
+                histograms[channel] += np.bincount(chunk[..., channel].ravel(), minlength=256)
     values = np.arange(256) / 255.0
     counts = histograms.sum(axis=1)
     mean = histograms @ values / counts
@@ -385,12 +388,38 @@ def _load_source(data_config: config_lib.DataConfig) -> SourceData:
     if source == "fashion_mnist":
         return fashion_mnist.load(data_dir or config_lib.FASHION_MNIST_DIR)
     if source == "tfds":
-        return tfds_source.load(data_config.name, data_dir, cache=data_config.cache)
+        return tfds_source.load(data_config.name, data_dir)
     if data_dir is None:
         raise ConfigError(f"data.data_dir is required for data.source={source!r}")
     if source == "tfrecord":
-        return tfrecord.load(data_dir, cache=data_config.cache, name=data_config.name)
-    return image_folder.load(data_dir, cache=data_config.cache, name=data_config.name)
+        return tfrecord.load(data_dir, name=data_config.name)
+    return image_folder.load(data_dir, name=data_config.name)
+
+
+def _cache_splits(source: SourceData, data_config: config_lib.DataConfig
+                  ) -> dict[str, SourceSplit]:
+    """The source's splits, decoded into memory when `data_config.cache` asks for it.
+
+    Logs one line: the choice, the decoded size of all file-backed splits and the budget.
+    """
+    streamable = {split: data for split, data in source.splits.items() if not data.in_memory}
+    if not streamable:
+        return dict(source.splits)
+    needed = sum(data.records.decoded_bytes() for data in streamable.values())
+    budget = data_config.cache_budget_mb * 2**20
+    mode = data_config.cache
+    cache = mode == "always" or (mode == "auto" and needed <= budget)
+    if mode == "auto":
+        why = (f"{needed / 2**20:,.1f} MiB of decoded images {'fit' if cache else 'exceed'} "
+               f"the {data_config.cache_budget_mb:,g} MiB budget (data.cache_budget_mb)")
+    else:
+        why = f"data.cache={mode!r} ({needed / 2**20:,.1f} MiB of decoded images)"
+    logger.info("[data] %s: %s %s", source.name,
+                "caching decoded images in memory:" if cache else
+                "streaming (decode, check, augment inside tf.data every epoch):", why)
+    if not cache:
+        return dict(source.splits)
+    return {split: data.cached() for split, data in source.splits.items()}
 
 
 def load_dataset(data_config: config_lib.DataConfig, seed: int = DEFAULT_SEED) -> ImageDataset:
@@ -431,6 +460,7 @@ def dataset_from_source(source: SourceData, data_config: config_lib.DataConfig,
         ", ".join(f"{split} {data.size}" for split, data in source.splits.items()),
         "x".join(map(str, source.image_shape)), len(source.class_names),
     )
+    source = dataclasses.replace(source, splits=_cache_splits(source, data_config))
     if data_config.normalization == "none":
         mean, std = (0.0,) * channels, (1.0,) * channels
     elif data_config.normalization == "cifar10":
@@ -472,4 +502,6 @@ def dataset_from_source(source: SourceData, data_config: config_lib.DataConfig,
         flip=data_config.flip,
         deterministic=data_config.deterministic,
         drop_remainder=data_config.drop_remainder,
+        shuffle_window_mb=data_config.shuffle_window_mb,
+        augmentation=data_config.augmentation,
     )

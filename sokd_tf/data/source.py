@@ -1,9 +1,11 @@
-"""What every data source hands to the pipeline: validated raw splits.
+"""What every data source hands to the pipeline: checked raw splits.
 
-A split is held either in memory (uint8 numpy arrays, the default and the fast path) or
-as a factory of a streamed `tf.data.Dataset` of single examples (file sources with
-`cache=False`, for data that does not fit in memory). Sources validate their input fully
-before returning, so the pipeline never meets a malformed example.
+A split's images are held in memory (uint8 numpy arrays: the IDX source, and file
+sources once the pipeline caches them) and/or described by a `RecordSplit` (file
+sources: where each example lives, decoded and checked inside `tf.data` when streamed;
+see `records.py`). Labels are always in memory: sources read them in one cheap pass and
+check them before returning, together with everything else that needs no decoding
+(missing files, empty splits, the first image's shape).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from sokd_tf.data.records import RecordSplit, full_permutation
 from sokd_tf.errors import DataError
 
 
@@ -23,21 +26,46 @@ class SourceSplit:
 
     Attributes:
       size: number of examples.
+      labels: int32 `[size]`, in the split's file order.
       images: uint8 `[size, height, width, channels]` when held in memory, else None.
-      labels: int32 `[size]` (always in memory: they are small and needed for the
-        hold-out and checks).
-      stream: when `images` is None, a function returning a `tf.data.Dataset` of
-        `(uint8 image [height, width, channels], int32 label)` in the split's fixed order.
+      records: the files holding the examples (file sources), else None. When set, it
+        also fixes the training order, in memory or not (`RecordSplit.epoch_indices`).
     """
 
     size: int
     labels: np.ndarray
     images: np.ndarray | None = None
-    stream: Callable[[], tf.data.Dataset] | None = None
+    records: RecordSplit | None = None
+
+    def __post_init__(self):
+        if self.images is None and self.records is None:
+            raise ValueError("a SourceSplit needs images or records")
 
     @property
     def in_memory(self) -> bool:
         return self.images is not None
+
+    def epoch_indices(self, epoch_seed: tf.Tensor, window_mb: float) -> tf.data.Dataset:
+        """Example indices of the epoch seeded by `epoch_seed` (int64 `[2]`, (seed, e)).
+
+        A full permutation in memory; a file split's own order otherwise (`records.py`).
+        """
+        if self.records is not None:
+            return self.records.epoch_indices(epoch_seed, window_mb)
+        return tf.data.Dataset.from_tensor_slices(full_permutation(self.size, epoch_seed))
+
+    def subset(self, mask: np.ndarray) -> SourceSplit:
+        """The examples selected by bool `mask` `[size]`, in their relative order."""
+        return SourceSplit(
+            size=int(mask.sum()), labels=self.labels[mask],
+            images=None if self.images is None else self.images[mask],
+            records=None if self.records is None else self.records.subset(mask))
+
+    def cached(self) -> SourceSplit:
+        """This split with its images decoded into memory (checked; DataError if bad)."""
+        if self.in_memory:
+            return self
+        return dataclasses.replace(self, images=self.records.load_images())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sokd_tf.data.decode import decode_image
+from sokd_tf.data.records import RecordSplit
 from sokd_tf.data.source import SourceData, SourceSplit, check_labels, check_split_sizes
 from sokd_tf.errors import DataError
 
@@ -52,7 +54,9 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
 
 
 def _read(builder, split: str, keys: tuple[str, str]) -> tf.data.Dataset:
-    dataset = builder.as_dataset(split=split, shuffle_files=False)
+    """`(encoded image bytes, label)` in the split's fixed order (tfds decodes nothing)."""
+    dataset = builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={keys[0]: tfds.decode.SkipDecoding()})
     return dataset.map(lambda example: (example[keys[0]], example[keys[1]]),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -61,7 +65,6 @@ def load(
     name: str,
     data_dir: str | None = None,
     *,
-    cache: bool = True,
     download: bool | None = None,
 ) -> SourceData:
     """Reads the train and test splits of tfds dataset `name`.
@@ -69,7 +72,6 @@ def load(
     Args:
       name: tfds name ("cifar10", "cifar100", "fashion_mnist", ...).
       data_dir: tfds data directory; None = tfds' default.
-      cache: load the images into memory (else stream them from tfds' files each epoch).
       download: True = download when not prepared, False = never, None = only when the
         tfds storage host answers a quick probe.
 
@@ -111,27 +113,26 @@ def load(
 
     splits = {}
     for split, dataset in datasets.items():
-        if cache:
-            chunks = list(dataset.batch(8192).as_numpy_iterator())
-            images = (np.concatenate([c[0] for c in chunks]) if chunks
-                      else np.zeros((0, *image_shape))).astype(np.uint8)
-            labels = (np.concatenate([c[1] for c in chunks]) if chunks
-                      else np.zeros([0])).astype(np.int32)
-            splits[split] = SourceSplit(size=len(labels), labels=labels, images=images)
-        else:
-            labels = np.fromiter(dataset.map(lambda _, label: label).as_numpy_iterator(),
-                                 dtype=np.int64).astype(np.int32)
-            splits[split] = SourceSplit(size=len(labels), labels=labels,
-                                        stream=_streamer(dataset))
-        check_labels(labels, num_classes,
-                     lambda i, split=split: f"tfds {name!r} split {split!r}, example {i}")
+        labels = np.fromiter(dataset.map(lambda _, label: label).as_numpy_iterator(),
+                             dtype=np.int64).astype(np.int32)
+        where = f"tfds {name!r} split {split!r}"
+        check_labels(labels, num_classes, lambda i, where=where: f"{where}, record {i}")
+        records = RecordSplit(
+            names=(where,), counts=(len(labels),),
+            image_shape=tuple(int(d) for d in image_shape),
+            shape_from=f"the DatasetInfo of tfds {name!r}", decode=decode_image,
+            read=lambda shard, dataset=dataset: dataset.map(lambda image, _: image),
+            record_bytes=_record_bytes(info, split, len(labels), image_shape))
+        splits[split] = SourceSplit(size=len(labels), labels=labels, records=records)
     check_split_sizes(name, splits)
     return SourceData(name=name, class_names=tuple(label_feature.names),
                       image_shape=tuple(int(d) for d in image_shape), splits=splits)
 
 
-def _streamer(dataset: tf.data.Dataset):
-    def stream() -> tf.data.Dataset:
-        return dataset.map(lambda image, label: (tf.cast(image, tf.uint8),
-                                                 tf.cast(label, tf.int32)))
-    return stream
+def _record_bytes(info, split: str, count: int, image_shape) -> int:
+    """Mean stored bytes per example from the DatasetInfo, else the decoded size."""
+    try:
+        stored = int(info.splits[split].num_bytes)
+    except (KeyError, ValueError, TypeError):
+        stored = 0
+    return stored // count if stored and count else int(np.prod(image_shape))

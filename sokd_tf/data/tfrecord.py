@@ -35,7 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from sokd_tf.data.decode import check_images, decode_dataset
+from sokd_tf.data.decode import check_images, decode_image
+from sokd_tf.data.records import RecordSplit
 from sokd_tf.data.source import SourceData, SourceSplit, check_labels, check_split_sizes
 from sokd_tf.errors import DataError
 
@@ -138,6 +139,22 @@ class _Records:
     def dataset(self) -> tf.data.Dataset:
         return tf.data.TFRecordDataset(self.files, compression_type=self.compression)
 
+    def split(self, image_key: str, image_shape, shape_from: str) -> RecordSplit:
+        """These records as a RecordSplit whose payload is the encoded image."""
+        files, compression = self.files, self.compression
+        spec = {image_key: tf.io.FixedLenFeature([], tf.string)}
+
+        def read(shard):
+            return tf.data.TFRecordDataset(tf.gather(tf.constant(files), shard),
+                                           compression_type=compression).map(
+                lambda raw: tf.io.parse_single_example(raw, spec)[image_key])
+
+        return RecordSplit(
+            names=tuple(files), counts=tuple(int(n) for n in np.diff(self.starts)),
+            image_shape=tuple(int(d) for d in image_shape), shape_from=shape_from,
+            decode=decode_image, read=read,
+            record_bytes=sum(tf.io.gfile.stat(path).length for path in files) // max(1, self.size))
+
     def example(self, position: int) -> tf.train.Example:
         raw = next(iter(self.dataset().skip(position).take(1))).numpy()
         return tf.train.Example.FromString(raw)
@@ -213,26 +230,27 @@ def _parse_labels(records: _Records, image_key: str, label_key: str) -> np.ndarr
 def load(
     data_dir: str,
     *,
-    cache: bool = True,
     name: str = "tfrecord",
     image_key: str | None = None,
     label_key: str | None = None,
 ) -> SourceData:
     """Reads and validates the train and test splits of a TFRecord dataset.
 
-    Every record is parsed and every image decoded once up front, so a malformed dataset
-    fails here, with the file and record named, not in the middle of training.
+    Up front, without decoding the images: every file is counted (a corrupt or truncated
+    file fails here), every record parsed for its two features (labels checked against
+    the class count) and the first image of each split decoded (its shape checked).
+    The images themselves are decoded by the pipeline, which checks each one and names
+    the file and record of a bad one (`records.RecordSplit`).
 
     Args:
       data_dir: directory laid out as in the module docstring.
-      cache: keep decoded images in memory (else they are decoded again every epoch).
       name: dataset label when dataset_info.json does not name one.
       image_key, label_key: feature keys; None = dataset_info.json's, else the defaults.
 
     Raises:
-      DataError: missing directory or shards, records without the expected features,
-        undecodable images, images of different shapes, labels outside
-        [0, num_classes), empty splits.
+      DataError: missing directory or shards, corrupt files, records without the
+        expected features, a first image that does not decode or has another shape,
+        labels outside [0, num_classes), empty splits.
     """
     if not tf.io.gfile.isdir(data_dir):
         raise DataError(f"TFRecord directory {data_dir} does not exist")
@@ -271,18 +289,15 @@ def load(
     expected_from = os.path.join(data_dir, INFO_FILE)
     splits = {}
     for split in SPLITS:
-        encoded = _encoded_images(records[split], image_key)
-        expected_shape, images = check_images(
-            encoded, records[split].size, records[split].describe, expected_shape,
-            expected_from, keep_pixels=cache)
+        first = _encoded_images(records[split], image_key).take(1)
+        expected_shape, _ = check_images(first, 1, records[split].describe, expected_shape,
+                                         expected_from)
+        shape_from = expected_from if metadata.get("image_shape") or split != "train" \
+            else f"the first image ({records[split].describe(0)})"
         expected_from = "the train split"
-        if cache:
-            splits[split] = SourceSplit(size=records[split].size, labels=labels[split],
-                                        images=images)
-        else:
-            splits[split] = SourceSplit(
-                size=records[split].size, labels=labels[split],
-                stream=_streamer(encoded, labels[split], expected_shape))
+        splits[split] = SourceSplit(size=records[split].size, labels=labels[split],
+                                    records=records[split].split(image_key, expected_shape,
+                                                                 shape_from))
     check_split_sizes(name, splits)
     mean, std = metadata.get("mean"), metadata.get("std")
     return SourceData(
@@ -299,13 +314,6 @@ def _encoded_images(records: _Records, image_key: str) -> tf.data.Dataset:
     spec = {image_key: tf.io.FixedLenFeature([], tf.string)}
     return records.dataset().map(lambda raw: tf.io.parse_single_example(raw, spec)[image_key],
                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def _streamer(encoded, labels, image_shape):
-    def stream() -> tf.data.Dataset:
-        return tf.data.Dataset.zip(decode_dataset(encoded, image_shape),
-                                   tf.data.Dataset.from_tensor_slices(labels))
-    return stream
 
 
 def _encode(image: tf.Tensor, image_format: str) -> tf.Tensor:

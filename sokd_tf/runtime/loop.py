@@ -42,6 +42,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from sokd_tf.data.records import data_errors
 from sokd_tf.runtime import backup, cluster
 
 
@@ -258,10 +259,15 @@ def fit_model(model: keras.Model, dataset, *, strategy: tf.distribute.Strategy, 
 
     Returns:
       The `keras.callbacks.History`.
+
+    Raises:
+      DataError: a streamed image failed the input pipeline's checks (file and record
+        named).
     """
     if uses_custom_loop(strategy):
-        return custom_fit(model, dataset, strategy=strategy, **kwargs)
-    with strategy.scope():
+        with data_errors():
+            return custom_fit(model, dataset, strategy=strategy, **kwargs)
+    with data_errors(), strategy.scope():
         # `dataset` is a tf.data pipeline that orders its own epochs (sokd_tf.data); Keras'
         # `shuffle` cannot apply to it, and its default `shuffle=True` only warns so.
         return model.fit(dataset, shuffle=False, **kwargs)
@@ -280,8 +286,9 @@ def evaluate_model(
       `{metric name: value}` over all replicas' examples.
     """
     if uses_custom_loop(strategy):
-        return custom_evaluate(model, dataset, strategy=strategy, steps=steps)
-    with strategy.scope():
+        with data_errors():
+            return custom_evaluate(model, dataset, strategy=strategy, steps=steps)
+    with data_errors(), strategy.scope():
         results = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
     return {name: float(value) for name, value in results.items()}
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from sokd_tf.config import ModelConfig, RunConfig
 from sokd_tf.data import ImageDataset
+from sokd_tf.data.records import data_errors
 from sokd_tf.errors import ConfigError
 from sokd_tf.models import specs
 from sokd_tf.stages import teacher
@@ -28,8 +29,9 @@ def evaluate_model(model: keras.Model, data) -> dict[str, float]:
     num_classes = model.output_shape[-1]
     top1 = keras.metrics.SparseCategoricalAccuracy()
     top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=5) if num_classes > 5 else None
-    logits = model.predict(data.map(lambda images, labels: images), verbose=0)
-    labels = np.concatenate([labels for _, labels in data.as_numpy_iterator()])
+    with data_errors():
+        logits = model.predict(data.map(lambda images, labels: images), verbose=0)
+        labels = np.concatenate([labels for _, labels in data.as_numpy_iterator()])
     top1.update_state(labels, logits)
     if top5 is not None:
         top5.update_state(labels, logits)
