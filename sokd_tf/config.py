@@ -54,6 +54,10 @@ RESUMABLE_FIELDS = (
     "train.teacher_learning_rate",
     "train.precision",
 )
+# Fields that decide only how the data is held, not what a run computes (the cached and
+# the streamed path give identical batches): a run continues across a change of them
+# without it counting as a change (e.g. a config.json of the boolean `cache` field).
+RESUME_NEUTRAL_FIELDS = ("data.cache", "data.cache_budget_mb")
 # Key of config.json's list of changes made on resume (not a config section).
 HISTORY_KEY = "history"
 TFLITE_VARIANTS = (

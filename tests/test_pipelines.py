@@ -96,6 +96,23 @@ def test_changed_config_is_refused_unless_overwrite(tmp_path):
     assert stored["train"]["epochs"] == 99
 
 
+def test_a_run_from_before_the_cache_modes_resumes(tmp_path):
+    config = config_lib.resolve("quickstart")
+    run_stage.prepare_workdir(config, str(tmp_path))
+    stored = json.loads((tmp_path / "config.json").read_text())
+    # config.json as written before `cache` had modes and a memory budget.
+    stored["data"]["cache"] = True
+    del stored["data"]["cache_budget_mb"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    run_stage.prepare_workdir(config, str(tmp_path))  # how data is held is not a change
+    assert "history" not in json.loads((tmp_path / "config.json").read_text())
+    streamed = config_lib.resolve("quickstart", {"data.cache": "never", "data.cache_budget_mb": 1})
+    run_stage.prepare_workdir(streamed, str(tmp_path))
+    reordered = config_lib.resolve("quickstart", {"data.shuffle_window_mb": 1})
+    with pytest.raises(ConfigError, match=r"data\.shuffle_window_mb"):
+        run_stage.prepare_workdir(reordered, str(tmp_path))
+
+
 def _pipeline(name, args, **kwargs):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Sequence
 
-from sokd_tf.config import HISTORY_KEY, RESUMABLE_FIELDS, RunConfig
+from sokd_tf.config import HISTORY_KEY, RESUMABLE_FIELDS, RESUME_NEUTRAL_FIELDS, RunConfig
 from sokd_tf.data import load_dataset
 from sokd_tf.errors import ConfigError, DivergedError
 from sokd_tf.runtime import backup, cluster
@@ -92,12 +92,15 @@ def prepare_workdir(config: RunConfig, workdir: str, *, overwrite: bool = False,
 
 
 def _differences(old: dict, new: dict) -> dict[str, tuple]:
-    """Dotted field -> (old value, new value) for every field that differs."""
+    """Dotted field -> (old value, new value) for every field that differs.
+
+    `config.RESUME_NEUTRAL_FIELDS` (how the data is held) are not differences.
+    """
     changes = {}
     for section in new:
         for field, value in new[section].items():
             before = old.get(section, {}).get(field)
-            if before != value:
+            if before != value and f"{section}.{field}" not in RESUME_NEUTRAL_FIELDS:
                 changes[f"{section}.{field}"] = (before, value)
     return changes
 
