@@ -1,13 +1,18 @@
 """Images/s of one training step: vanilla, KD, DML and SOKD, against a PyTorch reference.
 
-WRN-40-2 -> WRN-40-1, 32x32x3 random images, 100 classes. Every configuration
+WRN-40-2 -> WRN-40-1 by default, any teacher -> student pair with `--teacher` /
+`--student` (the CLI's model specs: a zoo name such as `resnet32x4`,
+`keras.applications.NAME`, or a `.keras` file; `sokd_tf.models.specs`), 32x32x3 random
+images, 100 classes. Every configuration
 (batch, method, precision, XLA) runs in its own process, so its dtype policy, XLA
 state and peak memory are its own. The timed step is exactly what `Model.fit` runs
 (`make_train_function()` of the compiled distiller); warm-up steps (tracing,
 compilation) are excluded. A timed window is kept only when other processes used at
 most `--max_other_load` CPUs meanwhile (read from /proc/stat); otherwise it is retried,
 up to 3x `--repeats` windows. (The PyTorch reference applies the same rule and also
-keeps a window only when its own CPU use reaches 90 % of its threads.)
+keeps a window only when its own CPU use reaches 90 % of its threads.) The PyTorch
+reference knows only the WRN-40-2 -> WRN-40-1 pair: for any other pair it is skipped,
+and the output says so.
 
 In the same run it measures the machine's practical peak (a large float32 and bfloat16
 matmul on the same threads) and runs the PyTorch reference, `benchmarks/torch_reference.py`
@@ -32,13 +37,14 @@ from `ONEDNN_VERBOSE=1`; ops TensorFlow runs in Eigen do not appear there.
 
 Usage (from the repository root):
   python benchmarks/step_throughput.py --batch=64 [--batch=128] \
-      [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16,auto] \
+      [--teacher=wrn_40_2 --student=wrn_40_1] [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16,auto] \
       [--jit=off,on] [--batch_norm=library,fused,stock] [--onednn_max_cpu_isa=AVX2] \
       [--steps=5] [--repeats=5] [--markdown=benchmarks/out.md] [--json=out.json]
 
 FLOPs per image (forward + backward, 2 FLOPs per multiply-add) are counted from the
-Keras models: a trained network costs 3x its forward pass (forward, input gradient,
-weight gradient), a frozen one 1x (KD's teacher; SOKD's teacher trunk and head).
+Keras models (Conv2D, grouped ones included, DepthwiseConv2D and Dense layers): a trained
+network costs 3x its forward pass (forward, input gradient, weight gradient), a frozen
+one 1x (KD's teacher; SOKD's teacher trunk and head).
 """
 
 from __future__ import annotations
@@ -72,8 +78,9 @@ ISA_CAPS = {
 }
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
+# The pair the PyTorch reference (and the issue's figures) describe; the default.
 TEACHER, STUDENT = "wrn_40_2", "wrn_40_1"
-# The issue's figures (GFLOP per image per training step), for comparison.
+# The issue's figures (GFLOP per image per training step) for that pair, for comparison.
 ISSUE_GFLOP_PER_IMAGE = {"vanilla": 0.50, "kd": 1.15, "sokd": 1.81}
 
 
@@ -81,13 +88,19 @@ ISSUE_GFLOP_PER_IMAGE = {"vanilla": 0.50, "kd": 1.15, "sokd": 1.81}
 
 
 def _forward_macs(model) -> int:
-    """Multiply-adds of one forward pass of one image through Conv2D/Dense layers."""
+    """Multiply-adds of one forward pass of one image through Conv2D/DepthwiseConv2D/Dense
+    layers (a grouped Conv2D's kernel holds `channels_in / groups` input channels)."""
     import keras
 
     total = 0
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             total += _forward_macs(layer)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            # Each output channel reads one input channel through a kh x kw window.
+            _, height, width, channels_out = layer.output.shape
+            kernel_h, kernel_w = layer.kernel.shape[:2]
+            total += height * width * channels_out * kernel_h * kernel_w
         elif isinstance(layer, keras.layers.Conv2D):
             _, height, width, channels_out = layer.output.shape
             kernel_h, kernel_w, channels_in, _ = layer.kernel.shape
@@ -97,31 +110,38 @@ def _forward_macs(model) -> int:
     return int(total)
 
 
-def _build(method: str, teacher_bn_mode: dict[str, str], batch_norm: str):
-    """The compiled distiller of `method` (BN `batch_norm`) and its training GFLOP per image."""
-    from sokd_tf import distillers, models
+def _build(method: str, teacher_bn_mode: dict[str, str], batch_norm: str,
+           teacher_spec: str = TEACHER, student_spec: str = STUDENT):
+    """The distiller of `method` for the pair `teacher_spec` -> `student_spec` (model specs,
+    built by `sokd_tf.models.specs.build_model`; BN `batch_norm` where the spec has a
+    choice) and its training GFLOP per image."""
+    from sokd_tf import distillers
     from sokd_tf.models import peer as peer_lib
+    from sokd_tf.models import specs
 
-    def build(name, role):
-        return models.build(name, IMAGE_SHAPE, NUM_CLASSES, batch_norm=batch_norm, model_name=role)
+    def build(spec, role, name):
+        # DML's peer is built from the teacher's spec, in the teacher's role (as the CLI).
+        return specs.build_model(spec, IMAGE_SHAPE, NUM_CLASSES, role=role, name=name,
+                                 batch_norm=batch_norm, require_graph=method.startswith("sokd")
+                                 and role == "teacher")
 
-    student = build(STUDENT, "student")
+    student = build(student_spec, "student", "student")
     student_macs = _forward_macs(student)
     if method == "vanilla":
         trainer = distillers.VanillaTrainer(student)
         macs = 3 * student_macs
     elif method == "kd":
-        teacher = build(TEACHER, "teacher")
+        teacher = build(teacher_spec, "teacher", "teacher")
         trainer = distillers.KnowledgeDistiller(
             teacher, student, teacher_bn_mode=teacher_bn_mode["kd"]
         )
         macs = 3 * student_macs + _forward_macs(teacher)
     elif method == "dml":
-        peer = build(TEACHER, "peer")
+        peer = build(teacher_spec, "teacher", "peer")
         trainer = distillers.MutualLearner(peer, student)
         macs = 3 * student_macs + 3 * _forward_macs(peer)
     else:
-        teacher = build(TEACHER, "teacher")
+        teacher = build(teacher_spec, "teacher", "teacher")
         peer = peer_lib.build_peer(teacher)
         distiller_class = (
             _recomputing_sokd_class() if method == "sokd_recompute"
@@ -214,6 +234,7 @@ def run_worker(args) -> dict:
         "auto" if args.batch_norm == "library" else args.batch_norm, machine
     )
     record = {
+        "teacher": args.teacher, "student": args.student,
         "method": args.method, "precision": args.precision, "jit": args.jit,
         "batch": args.batch, "batch_norm": args.batch_norm, "batch_norm_used": batch_norm,
         "precision_used": precision, "cpu_class": machine.cpu_class,
@@ -229,7 +250,8 @@ def run_worker(args) -> dict:
     keras.utils.set_random_seed(0)
     rss_runtime = _peak_rss_mib()
     trainer, gflop_per_image = _build(
-        args.method, {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}, batch_norm
+        args.method, {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}, batch_norm,
+        args.teacher, args.student,
     )
     trainer.compile(
         optimizer=distillers.make_optimizer(TrainConfig(), 391),
@@ -421,7 +443,7 @@ def _worker_command(args, method, precision, jit, batch, batch_norm):
         f"--steps={args.steps}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
         f"--kd_teacher_bn={args.kd_teacher_bn}", f"--sokd_teacher_bn={args.sokd_teacher_bn}",
         f"--min_cpu_use={args.min_cpu_use}", f"--max_other_load={args.max_other_load}",
-        f"--batch_norm={batch_norm}",
+        f"--batch_norm={batch_norm}", f"--teacher={args.teacher}", f"--student={args.student}",
     ]
     if args.intra_threads:
         command.append(f"--intra_threads={args.intra_threads}")
@@ -564,14 +586,30 @@ def run_kernel_census(args) -> None:
             json.dump({"emulation": emulation or None, "configurations": out}, f, indent=1)
 
 
+def _pair(args) -> str:
+    return f"teacher {args.teacher} -> student {args.student}"
+
+
+def _is_reference_pair(args) -> bool:
+    return (args.teacher, args.student) == (TEACHER, STUDENT)
+
+
+def _torch_skip_note(args) -> str:
+    """Why the PyTorch reference does not run for this pair; "" when it does."""
+    if _is_reference_pair(args):
+        return ""
+    return (f"PyTorch reference skipped: it restates only {TEACHER} -> {STUDENT}, not "
+            f"{args.teacher} -> {args.student} (the 'x PyTorch fp32' column is n/a)")
+
+
 def run_driver(args) -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()
     methods = args.methods.split(",")
     precisions = args.precisions.split(",")
     jits = args.jit.split(",")
-    print(f"# step_throughput {started}; load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}; {os.cpu_count()} CPUs", flush=True)
+    print(f"# step_throughput {started}; {_pair(args)}; load average {load[0]:.2f} "
+          f"{load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} CPUs", flush=True)
     emulation = _emulation_label(args)
     if emulation:
         print(f"# {emulation}", flush=True)
@@ -591,8 +629,13 @@ def run_driver(args) -> None:
           f"bfloat16 {peak['bfloat16']} GFLOP/s", flush=True)
 
     torch_by_batch, torch_raw = {}, {}
-    torch_python = None if args.no_torch else _ensure_bench_venv(args.bench_venv, args.install)
-    if torch_python and os.path.exists(args.torch_script):
+    torch_note = _torch_skip_note(args)
+    torch_python = None
+    if not torch_note and not args.no_torch:
+        torch_python = _ensure_bench_venv(args.bench_venv, args.install)
+    if torch_note:
+        print(torch_note, flush=True)
+    elif torch_python and os.path.exists(args.torch_script):
         threads = args.intra_threads or os.cpu_count()
         for batch in args.batch:
             output = _run_torch_reference(torch_python, args.torch_script, batch, args, threads)
@@ -621,9 +664,12 @@ def run_driver(args) -> None:
     flops = {r["method"]: r["gflop_per_image"] for r in records if "gflop_per_image" in r}
     flop_ratio = flops["sokd"] / flops["kd"] if "sokd" in flops and "kd" in flops else 1.57
     end_load = os.getloadavg()
+    issue = f" (issue: {ISSUE_GFLOP_PER_IMAGE})" if _is_reference_pair(args) else ""
     report = [
         cpu_line + ".",
         *([emulation + "."] if emulation else []),
+        f"Models: {_pair(args)}; 32x32x3 random images, {NUM_CLASSES} classes.",
+        *([torch_note] if torch_note else []),
         f"Run {started} to {time.strftime('%H:%M UTC', time.gmtime())}; load average at start "
         f"{load[0]:.2f}, at end {end_load[0]:.2f}; {os.cpu_count()} CPUs; "
         f"threads intra={args.intra_threads or 'default'} inter={args.inter_threads or 'default'}.",
@@ -631,7 +677,7 @@ def run_driver(args) -> None:
         f"{peak['bfloat16']} GFLOP/s.",
         "Counted GFLOP per image (this run): "
         + ", ".join(f"{m} {v:.3f}" for m, v in flops.items())
-        + f" (issue: {ISSUE_GFLOP_PER_IMAGE}).",
+        + f"{issue}.",
         f"Teacher BN: KD {args.kd_teacher_bn}, SOKD {args.sokd_teacher_bn} (the PyTorch "
         "reference runs the same modes: frozen = eval mode, official = train mode).",
         "",
@@ -658,10 +704,29 @@ def run_driver(args) -> None:
                        "records": records}, f, indent=1)
 
 
+def _spec_error(spec: str) -> str:
+    """The library's own message for a model spec it cannot resolve; "" when it can."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from sokd_tf.errors import ConfigError
+    from sokd_tf.models import specs
+
+    try:
+        specs.spec_kind(spec)
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, action="append",
                         help="global batch size; repeat the flag for several (default 64)")
+    parser.add_argument("--teacher", default=TEACHER,
+                        help="teacher (and DML peer) model spec, as the CLI's --teacher: a zoo "
+                        "name, keras.applications.NAME or a .keras file")
+    parser.add_argument("--student", default=STUDENT,
+                        help="student model spec, as the CLI's --student")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"any of {METHODS + ABLATIONS}")
     parser.add_argument("--precisions", default="float32,mixed_bfloat16")
@@ -704,6 +769,11 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.batch = args.batch or [64]
+    if not (args.worker or args.peak or args.onednn_probe):  # children get checked specs
+        for role in ("teacher", "student"):
+            error = _spec_error(getattr(args, role))
+            if error:
+                parser.error(f"--{role}: {error}")
     unknown = sorted(set(args.batch_norm.split(",")) - set(BATCH_NORM_CHOICES))
     if unknown:
         parser.error(f"unknown --batch_norm {unknown}; choose from {list(BATCH_NORM_CHOICES)}")
@@ -714,8 +784,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parse_args(argv)
     sys.path.insert(0, REPO_ROOT)
     if args.worker:
         args.batch = args.batch[0]

@@ -93,3 +93,42 @@ def exported(root: str):
 def keras_logits(student: keras.Model, images_uint8: np.ndarray, info: DatasetInfo):
     return student.predict(export.normalize_numpy(images_uint8, info), batch_size=256,
                            verbose=0)
+
+
+def check_saved_model_signatures(version_dir: str, images_uint8: np.ndarray,
+                                 expected_logits: np.ndarray, *, atol: float = 1e-4) -> None:
+    """Both serving signatures of a SavedModel, on raw client input, match the Keras logits.
+
+    `serving_default` takes the raw pixels `[n, H, W, C]` uint8 (the dataset's own shape,
+    before any resize); `predict_examples` takes them as PNG bytes in `tf.Example`s.
+    """
+    import tensorflow as tf
+
+    from sokd_tf.export import serving
+
+    loaded = tf.saved_model.load(version_dir)
+    assert set(loaded.signatures) == {"serving_default", serving.EXAMPLES_SIGNATURE}
+    signature = loaded.signatures["serving_default"].structured_input_signature[1]["images"]
+    assert tuple(signature.shape[1:]) == images_uint8.shape[1:] and signature.dtype == tf.uint8
+    outputs = loaded.signatures["serving_default"](images=tf.constant(images_uint8))
+    assert set(outputs) == {"logits", "probabilities", "classes"}
+    np.testing.assert_allclose(outputs["logits"].numpy(), expected_logits, atol=atol)
+    np.testing.assert_array_equal(outputs["classes"].numpy(), np.argmax(expected_logits, -1))
+    np.testing.assert_allclose(outputs["probabilities"].numpy().sum(-1), 1.0, atol=1e-5)
+    examples = np.array([serving.image_example(serving.encode_png(image))
+                         for image in images_uint8], dtype=object)
+    outputs = loaded.signatures[serving.EXAMPLES_SIGNATURE](examples=tf.constant(examples))
+    np.testing.assert_allclose(outputs["logits"].numpy(), expected_logits, atol=atol)
+
+
+def litert_tolerance(variant: str, logit_scale: float, output_step: float = 0.0) -> float:
+    """Largest |LiteRT - Keras| logit error accepted for a `.tflite` variant.
+
+    Float files differ by rounding only (fp16 weights: ~1e-3 relative). Full-integer files
+    add activation quantization, up to ~10 % of the logit range (`logit_scale`, the largest
+    |Keras logit|), plus a few steps of their quantized output (`output_step`, the output
+    tensor's scale; 0 for float output); `qat_int8` also carries its brief fine-tune, whose
+    learnt ranges may stay wider than a calibrated file's (a coarser output step).
+    """
+    relative = {"fp32": 1e-4, "fp16": 1e-2, "dynamic_int8": 5e-2}.get(variant, 0.15)
+    return relative * logit_scale + 5 * output_step + 1e-6

@@ -3,16 +3,16 @@ for keras.applications models, while exported models still take raw 28x28x1 imag
 
 import os
 
+import export_support as support
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from sokd_tf import config, export
 from sokd_tf.data import DatasetInfo, load_dataset, model_inputs, normalize
 from sokd_tf.data.pipeline import model_image_shape
 from sokd_tf.errors import ConfigError
-from sokd_tf.export import serving, tflite
+from sokd_tf.export import tflite
 from sokd_tf.models import specs
 
 FASHION_STATISTICS = ((0.2860,), (0.3530,))
@@ -86,17 +86,8 @@ def test_pipeline_feeds_mobilenet_v3_small(fashion_32x32x3):
 def check_saved_model_takes_raw_images(student, info, raw, directory):
     version_dir = export.export_saved_model(student, info, str(directory), "student",
                                             warmup_images_uint8=raw)
-    loaded = tf.saved_model.load(version_dir)
     reference = student(model_inputs(raw, info), training=False).numpy()
-    served = loaded.signatures["serving_default"](images=tf.constant(raw))["logits"].numpy()
-    np.testing.assert_allclose(served, reference, atol=1e-4)
-    examples = np.array([serving.image_example(serving.encode_png(image)) for image in raw],
-                        dtype=object)
-    from_examples = loaded.signatures[serving.EXAMPLES_SIGNATURE](
-        examples=tf.constant(examples))["logits"].numpy()
-    np.testing.assert_allclose(from_examples, reference, atol=1e-4)
-    signature = loaded.signatures["serving_default"].structured_input_signature[1]["images"]
-    assert tuple(signature.shape) == (None, 28, 28, 1) and signature.dtype == tf.uint8
+    support.check_saved_model_signatures(version_dir, raw, reference)
 
 
 def check_tflite_takes_raw_images(student, info, raw, directory, variant="fp32"):

@@ -240,3 +240,68 @@ def test_full_integer_graph_is_int8_between_the_input_and_output_conversions(tmp
         np.testing.assert_allclose(classifier.logits(images), expected, atol=1.01 * output_step)
     with pytest.raises(ExportError, match="delegate"):
         tflite.LiteRTClassifier(paths["int8"], delegate="gpu")
+
+
+def test_hard_silu_by_hand():
+    values = np.array([-4.0, -3.0, -1.0, 0.0, 1.0, 3.0, 5.0], np.float32)
+    expected = [0.0, 0.0, -1 / 3, 0.0, 2 / 3, 3.0, 5.0]  # x * relu6(x + 3) / 6
+    np.testing.assert_allclose(qat.hard_silu(values).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(qat.hard_silu(values).numpy(),
+                               keras.ops.convert_to_numpy(keras.activations.hard_silu(values)),
+                               rtol=1e-6)
+
+
+def _tiny_mobilenet_v3_block(info, seed=0):
+    """The Keras 3 constructs of keras.applications.MobileNetV3 that tf_keras lacks:
+    `hard_silu` activations, a squeeze-excite `Multiply`, and keras.ops arithmetic with
+    constants in the graph (its hard sigmoid is `ReLU(6)(x + 3) * (1 / 6)`)."""
+    keras.utils.set_random_seed(seed)
+    images = keras.Input(info.image_shape)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(images)
+    x = keras.layers.Activation("hard_silu")(x)
+    squeeze = keras.layers.GlobalAveragePooling2D(keepdims=True)(x)
+    squeeze = keras.layers.Conv2D(8, 1)(squeeze)
+    squeeze = keras.layers.ReLU(6.0)(squeeze + 3.0) * (1.0 / 6.0)
+    x = keras.layers.Multiply()([x, squeeze])
+    x = 2.0 - x / 4.0  # Subtract (constant first) and TrueDivide
+    x = keras.layers.GlobalAveragePooling2D()(x - 0.5)
+    return keras.Model(images, keras.layers.Dense(info.num_classes)(x), name="tiny_v3")
+
+
+def test_qat_int8_of_mobilenet_v3_constructs_reproduces_keras_and_runs_in_litert(tmp_path):
+    info, train_images, _, test_images, _ = support.data()
+    student = _tiny_mobilenet_v3_block(info)
+    operations = {type(op).__name__ for op in student.operations}
+    assert {"Add", "Multiply", "Subtract", "TrueDivide"} <= operations  # keras.ops nodes
+    normalized = export.normalize_numpy(test_images[:64], info)
+    rebuilt = qat.rebuild_in_tf_keras(student, check_images_normalized=normalized)
+    np.testing.assert_allclose(rebuilt(normalized).numpy(),
+                               np.asarray(student(normalized, training=False)), atol=1e-5)
+    kinds = [type(layer).__name__ for layer in rebuilt.layers]
+    assert kinds.count("Rescaling") == 5 and kinds.count("Multiply") == 1
+
+    qat_model, summary = qat.quantization_aware_finetune(
+        student, info, train_images[:256], epochs=1, learning_rate=1e-3, batch_size=64,
+        max_steps=2)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    path = tflite.write_tflite(
+        tflite.convert_tflite("qat_int8", qat_model, info,
+                              representative_images_uint8=train_images,
+                              representative_size=50),
+        str(tmp_path / "qat_int8.tflite"))
+    counts = tflite.op_counts(path)
+    assert counts["HARD_SWISH"] == 1 and counts["CONV_2D"] == 2
+    assert tflite.integer_graph_problems(path) == []
+    expected = support.keras_logits(student, test_images[:100], info)
+    logits = tflite.LiteRTClassifier(path).logits(test_images[:100])
+    np.testing.assert_allclose(logits, expected, atol=0.1 * np.abs(expected).max())
+
+
+def test_rebuild_refuses_keras_ops_between_two_tensors():
+    info = support.data()[0]
+    images = keras.Input(info.image_shape)
+    x = keras.layers.Flatten()(images)
+    x = x * x  # keras.ops.multiply of two tensors: no Rescaling can restate it
+    model = keras.Model(images, keras.layers.Dense(info.num_classes)(x))
+    with pytest.raises(ExportError, match="not arithmetic between a tensor and a constant"):
+        qat.rebuild_in_tf_keras(model)

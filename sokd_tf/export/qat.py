@@ -19,13 +19,21 @@ LiteRT. The maintained route that works is tfmot on tf_keras (Keras 2):
 
 The rebuild is generic (any functional model of built-in Keras layers, nested
 functional models included) instead of a second hand-written architecture, so it cannot
-drift from the model builders.
+drift from the model builders. Two Keras 3 constructs of keras.applications models have
+no tf_keras layer and are restated: the `hard_silu` (`hard_swish`) activation of
+MobileNetV3 becomes an `Activation` running the same formula, `x * relu6(x + 3) / 6`;
+arithmetic between a tensor and a constant in the functional graph (`x + 3.0`,
+`x * (1 / 6)`, keras.ops nodes) becomes a `Rescaling(scale, offset)` layer. tfmot's
+default scheme knows neither (nor the `Multiply` of squeeze-excite blocks), so these get
+an output quantizer only (8-bit, asymmetric, like tfmot's own activations); the rebuild
+check covers them like every other layer.
 
 Reference: tfmot "Quantization aware training comprehensive guide" (annotate, apply).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -42,6 +50,34 @@ _BASE_LAYER_KEYS = {"name", "trainable", "dtype"}
 _LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
 # The fine-tune's one loss: cross-entropy to the float student's softened predictions.
 QAT_TERM = "student/qat_ce"
+
+
+def hard_silu(x):
+    """Keras 3's `hard_silu` (a.k.a. `hard_swish`), which tf_keras lacks.
+
+    Args:
+      x: any float tensor.
+
+    Returns:
+      `x * relu6(x + 3) / 6`, same shape: e.g. -3 -> 0, 1 -> 0.6667, 3 -> 3.
+
+    Reference: Howard et al., "Searching for MobileNetV3", ICCV 2019, eq. (2).
+    """
+    import tensorflow as tf
+
+    return x * (tf.nn.relu6(x + 3.0) / 6.0)
+
+
+# Keras 3 activation names -> the function the tf_keras twin runs instead.
+_RESTATED_ACTIVATIONS = {"hard_silu": hard_silu, "hard_swish": hard_silu}
+# keras.ops arithmetic with one constant operand -> Rescaling(scale, offset) of the tensor;
+# the boolean says whether the tensor is the first operand.
+_CONSTANT_ARITHMETIC = {
+    ("Add", True): lambda c: (1.0, c), ("Add", False): lambda c: (1.0, c),
+    ("Multiply", True): lambda c: (c, 0.0), ("Multiply", False): lambda c: (c, 0.0),
+    ("Subtract", True): lambda c: (1.0, -c), ("Subtract", False): lambda c: (-1.0, c),
+    ("Divide", True): lambda c: (1.0 / c, 0.0), ("TrueDivide", True): lambda c: (1.0 / c, 0.0),
+}
 
 
 def _tf_keras():
@@ -99,6 +135,8 @@ def _tf_keras_layer(layer: keras.layers.Layer):
             # fine-tune is short, so the layer defaults serve.
             continue
         config[key] = value
+    if keras_class is keras.layers.Activation and config.get("activation") in _RESTATED_ACTIVATIONS:
+        config["activation"] = _RESTATED_ACTIVATIONS[config["activation"]]
     try:
         return layer_class.from_config(config)
     except Exception as err:
@@ -137,15 +175,42 @@ def _rebuild(model: keras.Model, inputs, pairs: list):
             rebuilt[id(operation)] = _tf_keras_layer(operation)
             pairs.append((operation, rebuilt[id(operation)]))
         else:
-            raise ExportError(
-                f"QAT rebuild: operation {getattr(operation, 'name', operation)!r} is not "
-                "a Keras layer (a keras.ops call in the functional graph); wrap it in a "
-                "layer to export a QAT variant"
-            )
+            # Not cached: each call builds its own layer (an op object may run twice).
+            return _constant_arithmetic(operation)
         return rebuilt[id(operation)]
 
     # `_run_through_graph` is how Keras itself runs a functional graph node by node.
     return model._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def _constant_arithmetic(operation):
+    """A callable rebuilding a keras.ops `tensor (+ - * /) constant` node as `Rescaling`."""
+    tf_keras = _tf_keras()
+    kind = type(operation).__name__
+    name = getattr(operation, "name", operation)
+
+    def refuse():
+        raise ExportError(
+            f"QAT rebuild: operation {name!r} ({kind}) is not a Keras layer (a keras.ops "
+            "call in the functional graph) and not arithmetic between a tensor and a "
+            "constant; wrap it in a layer to export a QAT variant"
+        )
+
+    def apply(*args, **kwargs):
+        if kwargs or len(args) != 2:
+            refuse()
+        constants = [isinstance(arg, (int, float, np.number)) for arg in args]
+        if constants.count(True) != 1:
+            refuse()
+        tensor_first = constants[1]
+        rule = _CONSTANT_ARITHMETIC.get((kind, tensor_first))
+        if rule is None:
+            refuse()
+        tensor, constant = args if tensor_first else args[::-1]
+        scale, offset = rule(float(constant))
+        return tf_keras.layers.Rescaling(scale, offset)(tensor)
+
+    return apply
 
 
 def rebuild_in_tf_keras(student: keras.Model, *, check_images_normalized: np.ndarray | None = None):
@@ -188,19 +253,57 @@ def rebuild_in_tf_keras(student: keras.Model, *, check_images_normalized: np.nda
     return rebuilt
 
 
+@functools.cache
+def _output_quantize_config_class():
+    """tfmot's QuantizeConfig base exists only once tfmot is imported, hence a factory."""
+    quantize = _tfmot().quantization.keras
+
+    class OutputQuantizeConfig(quantize.QuantizeConfig):
+        """Quantizes a layer's output only (8-bit, per tensor, asymmetric), no weights."""
+
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [quantize.quantizers.MovingAverageQuantizer(
+                num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    return OutputQuantizeConfig
+
+
 def quantization_aware_model(rebuilt):
     """tfmot QAT model of a tf_keras model: every layer but BatchNormalization annotated."""
     tf_keras = _tf_keras()
     quantize = _tfmot().quantization.keras
+    OutputQuantizeConfig = _output_quantize_config_class()  # noqa: N806 (a class)
 
     def annotate(layer):
         if isinstance(layer, (tf_keras.layers.BatchNormalization, tf_keras.layers.InputLayer)):
             return layer
+        # Weightless layers tfmot's default scheme lacks (MobileNetV3's squeeze-excite
+        # product, the restated constants and hard_silu): quantize their outputs.
+        output_only = isinstance(layer, (tf_keras.layers.Rescaling, tf_keras.layers.Multiply)) or (
+            isinstance(layer, tf_keras.layers.Activation) and layer.activation is hard_silu)
+        if output_only:
+            return quantize.quantize_annotate_layer(layer, quantize_config=OutputQuantizeConfig())
         return quantize.quantize_annotate_layer(layer)
 
     try:
         annotated = tf_keras.models.clone_model(rebuilt, clone_function=annotate)
-        with quantize.quantize_scope():
+        with quantize.quantize_scope({"hard_silu": hard_silu,
+                                      "OutputQuantizeConfig": OutputQuantizeConfig}):
             qat_model = quantize.quantize_apply(annotated)
     except Exception as err:
         raise ExportError(f"QAT: tfmot could not quantize {rebuilt.name!r}: {err}") from err

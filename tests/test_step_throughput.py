@@ -1,0 +1,61 @@
+"""benchmarks/step_throughput.py: counted FLOPs by hand, any model pair, one real timed step."""
+
+import importlib.util
+import os
+
+import keras
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def step_throughput():
+    path = os.path.join(BENCHMARKS, "step_throughput.py")
+    spec = importlib.util.spec_from_file_location("step_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forward_macs_by_hand(step_throughput):
+    images = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(6, 3, padding="same")(images)  # 8*8*6 * 3*3*4 = 13,824
+    x = keras.layers.Conv2D(6, 1, groups=2)(x)  # grouped: 8*8*6 * 1*1*3 = 1,152
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 4*4*6 * 3*3 = 864
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    inner = keras.Model(images, keras.layers.Dense(5)(x))  # 6*5 = 30
+    outer = keras.Model(images, inner(images))  # a nested model counts once
+    assert step_throughput._forward_macs(outer) == 13_824 + 1_152 + 864 + 30
+
+
+def test_default_pair_and_spec_errors(step_throughput, capsys):
+    args = step_throughput.parse_args([])
+    assert (args.teacher, args.student) == ("wrn_40_2", "wrn_40_1")
+    assert step_throughput._torch_skip_note(args) == ""
+    other = step_throughput.parse_args(["--teacher=vgg13", "--student=mobilenetv2"])
+    assert "PyTorch reference skipped" in step_throughput._torch_skip_note(other)
+    assert "vgg13 -> mobilenetv2" in step_throughput._torch_skip_note(other)
+    with pytest.raises(SystemExit):
+        step_throughput.parse_args(["--student=resnet_9000"])
+    assert "--student: unknown model spec 'resnet_9000'" in capsys.readouterr().err
+
+
+def test_one_timed_kd_step_for_a_zoo_pair(step_throughput):
+    args = step_throughput.parse_args([
+        "--worker", "--method=kd", "--precision=float32", "--jit=off", "--batch=8",
+        "--batch_norm=stock", "--steps=1", "--repeats=1", "--warmup=1", "--max_other_load=1e9",
+        "--teacher=resnet8", "--student=resnet8x4",
+    ])
+    args.batch = args.batch[0]
+    record = step_throughput.run_worker(args)
+    assert (record["teacher"], record["student"], record["method"]) == ("resnet8", "resnet8x4", "kd")
+    assert record["images_per_s_median"] > 0 and record["final_loss_finite"]
+    assert record["peak_rss_mib"] >= record["rss_after_import_mib"] > 0
+
+    from sokd_tf import models
+
+    # KD trains the student (3x its forward pass) and runs the frozen teacher once.
+    student = step_throughput._forward_macs(models.build("resnet8x4", (32, 32, 3), 100))
+    teacher = step_throughput._forward_macs(models.build("resnet8", (32, 32, 3), 100))
+    assert record["gflop_per_image"] == round(2 * (3 * student + teacher) / 1e9, 4)
