@@ -10,7 +10,7 @@ import pytest
 
 from sokd_tf import config, export
 from sokd_tf.data import DatasetInfo, load_dataset, model_inputs, normalize
-from sokd_tf.data.pipeline import model_image_shape
+from sokd_tf.data.inputs import model_image_shape
 from sokd_tf.errors import ConfigError
 from sokd_tf.export import tflite
 from sokd_tf.models import specs

@@ -7,7 +7,8 @@ Sources (one module each): `fashion_mnist` (IDX files, offline default), `tfds_s
 
 from sokd_tf.data.convert import convert_to_tfrecords
 from sokd_tf.data.info import DatasetInfo
-from sokd_tf.data.pipeline import ImageDataset, load_dataset, model_inputs, normalize
+from sokd_tf.data.inputs import model_inputs, normalize
+from sokd_tf.data.pipeline import ImageDataset, load_dataset
 from sokd_tf.data.records import data_errors
 from sokd_tf.data.tfrecord import write_dataset_info, write_tfrecords
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from sokd_tf.data.info import DatasetInfo
-from sokd_tf.data.pipeline import model_inputs
+from sokd_tf.data.inputs import model_inputs
 from sokd_tf.errors import ExportError
 
 IMAGE_FEATURE = "image/encoded"
