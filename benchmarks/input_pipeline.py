@@ -14,11 +14,12 @@ Rows:
     32x32x3 PNGs (pad-crop-flip, beside the 32x32 step) and 224x224x3 JPEGs
     (random-resized crop + flip, beside the step of the same models at 224x224x3 with
     `--batch_size_224`),
-and the peak RSS of one streamed epoch over the 224x224 shards with a cache budget a
-quarter of their decoded size (so `cache="auto"` streams): after a third of the epoch
-and after all of it. Flat (ratio ~1.0) means memory does not grow with the data read.
+and the resident memory (VmRSS, not the process's peak) during one streamed epoch over
+the 224x224 shards with a cache budget a quarter of their decoded size (so
+`cache="auto"` streams): after a third of the epoch and after all of it. Flat (ratio
+~1.0) means memory does not grow with the data read.
 Each input rate is printed beside the images/s of one SOKD training step
-(`SemiOnlineDistiller`, quickstart models wrn_16_2 teacher -> wrn_16_1 student, batch 128)
+(`SemiOnlineDistiller`, the quickstart preset's wrn_16_1 teacher -> wrn_10_1 student, batch 128)
 at the same image shape, measured in the same process, and their ratio (goal >= 5x). The
 step is timed on a constant batch (pure compute) and, for Fashion-MNIST, also fed by the
 pipeline through `fit` (what training sees). The machine may be shared: numbers are the
@@ -28,7 +29,6 @@ median of `--repeats` timings.
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -115,20 +115,29 @@ def streamed_shards(directory: str, **overrides) -> ImageDataset:
     return load_dataset(config_lib.DataConfig(**values))
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def current_rss_mib() -> float:
+    """Resident memory now (VmRSS), not the high-water mark: a cache filling up shows."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+    return float("nan")
 
 
 def flat_memory(dataset: ImageDataset, batch_size: int) -> tuple[float, float]:
-    """Peak RSS (MiB) after a third of a streamed epoch and after all of it."""
+    """Resident memory (MiB) after a third of a streamed epoch and after all of it.
+
+    Current RSS, not the process's peak: the peak was set earlier in this process
+    (the other rows), so it could not show a stream that keeps what it decoded.
+    """
     steps = dataset.steps_per_epoch(batch_size)
     iterator = iter(dataset.train_batches(batch_size, seed=SEED))
     for _ in range(max(1, steps // 3)):
         next(iterator)
-    third = peak_rss_mib()
+    third = current_rss_mib()
     for _ in range(steps - max(1, steps // 3)):
         next(iterator)
-    return third, peak_rss_mib()
+    return third, current_rss_mib()
 
 
 def sokd_trainer(image_shape, num_classes) -> distillers.SemiOnlineDistiller:
@@ -243,7 +252,7 @@ def main(argv):
         print(f"| {name:40s} | {rate:12,.0f} | {step:15,.0f} | {rate / step:6.0f}x |")
     print(f"SOKD fit fed by train_batches (Fashion-MNIST): {fed_step:,.0f} img/s "
           f"({fed_step / fashion_step:.2f} of the constant-batch step)")
-    print(f"Peak RSS streaming {FLAGS.stream_images_224} 224x224 images "
+    print(f"Resident memory (VmRSS) streaming {FLAGS.stream_images_224} 224x224 images "
           f"({decoded_mib:,.0f} MiB decoded, budget {budget_mib:,.0f} MiB): "
           f"{rss_third:,.0f} MiB after 1/3 of the epoch, {rss_all:,.0f} MiB after all "
           f"(ratio {rss_all / rss_third:.2f})")

@@ -229,7 +229,13 @@ def run_worker(args) -> dict:
     from sokd_tf.runtime import strategy as strategy_lib
 
     machine = _machine(args)
-    precision = cpu.resolve_precision(args.precision, machine).policy
+    slow = {}
+    if args.precision == "auto" and machine.native_bf16 and not machine.gpu:
+        from sokd_tf.models import specs
+
+        slow = {f"{role} {spec!r}": specs.bf16_slow_layers(spec)
+                for role, spec in (("student", args.student), ("teacher", args.teacher))}
+    precision = cpu.resolve_precision(args.precision, machine, bf16_slow_models=slow).policy
     batch_norm = cpu.resolve_batch_norm(
         "auto" if args.batch_norm == "library" else args.batch_norm, machine
     )
@@ -317,7 +323,13 @@ def run_peak_worker(args) -> dict:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_threads)
     size = args.matmul_size
     out = {}
-    for dtype in ("float32", "bfloat16"):
+    dtypes = ["float32", "bfloat16"]
+    if args.onednn_max_cpu_isa and not _machine(args).avx512_bf16:
+        # A oneDNN capped below AVX512_CORE_BF16 cannot create a bfloat16 matmul (the
+        # process aborts), as in the bfloat16 step rows.
+        dtypes.remove("bfloat16")
+        out["bfloat16"] = None
+    for dtype in dtypes:
         a = tf.random.normal((size, size), dtype="float32")
         a = tf.cast(a, dtype)
         b = tf.cast(tf.random.normal((size, size), dtype="float32"), dtype)
@@ -485,7 +497,7 @@ def _table(records, peak, torch_by_batch) -> str:
             f"{_fmt(rate / torch_rate if rate and torch_rate else None, '{:.2f}')} | "
             f"{r['gflop_per_image']:.3f} | {_fmt(achieved)} | "
             f"{_fmt(100 * achieved / peak['float32'] if achieved else None, '{:.0f}')} | "
-            f"{_fmt(100 * achieved / peak['bfloat16'] if achieved else None, '{:.0f}')} | "
+            f"{_fmt(100 * achieved / peak['bfloat16'] if achieved and peak['bfloat16'] else None, '{:.0f}')} | "
             f"{r['peak_rss_mib']} | {max(r['cpu_use_per_window'], default=0):.2f} |"
         )
     return "\n".join(lines)
@@ -626,7 +638,7 @@ def run_driver(args) -> None:
     cpu_line = _cpu_line(machine, onednn_isa)
     print(f"# {cpu_line}", flush=True)
     print(f"matmul peak (TF, {args.matmul_size}^2): float32 {peak['float32']} GFLOP/s, "
-          f"bfloat16 {peak['bfloat16']} GFLOP/s", flush=True)
+          f"bfloat16 {_fmt(peak['bfloat16'])} GFLOP/s", flush=True)
 
     torch_by_batch, torch_raw = {}, {}
     torch_note = _torch_skip_note(args)
@@ -674,7 +686,7 @@ def run_driver(args) -> None:
         f"{load[0]:.2f}, at end {end_load[0]:.2f}; {os.cpu_count()} CPUs; "
         f"threads intra={args.intra_threads or 'default'} inter={args.inter_threads or 'default'}.",
         f"Measured matmul peak: float32 {peak['float32']} GFLOP/s, bfloat16 "
-        f"{peak['bfloat16']} GFLOP/s.",
+        f"{_fmt(peak['bfloat16'])} GFLOP/s.",
         "Counted GFLOP per image (this run): "
         + ", ".join(f"{m} {v:.3f}" for m, v in flops.items())
         + f"{issue}.",

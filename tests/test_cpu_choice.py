@@ -239,3 +239,43 @@ def test_auto_is_the_default_and_must_be_resolved_before_it_is_set():
         strategy_lib.set_precision("auto")
     with pytest.raises(ConfigError, match="resolve_batch_norm"):
         models.build("wrn_10_1", (8, 8, 1), 3, batch_norm="auto")
+
+
+def test_depthwise_models_keep_auto_in_float32_on_bf16_cpus_only():
+    slow = {"student 'mobilenetv2'": ("DepthwiseConv2D",)}
+    choice = cpu.resolve_precision("auto", _machine(ZEN4), bf16_slow_models=slow)
+    assert (choice.policy, choice.message) == ("float32", (
+        "precision auto -> float32 (CPU: AMD EPYC 9B14, AVX512-BF16, but student "
+        "'mobilenetv2' has DepthwiseConv2D: slower in bfloat16 than in float32 on CPUs)"))
+    # A GPU or TPU trains them in bfloat16; no slow layers, or an explicit choice, as before.
+    assert cpu.resolve_precision("auto", _machine(ZEN4, [(8, 0)]), bf16_slow_models=slow).policy == "mixed_bfloat16"
+    assert cpu.resolve_precision("auto", _machine(ZEN3), strategy="tpu", bf16_slow_models=slow).policy == "mixed_bfloat16"
+    assert cpu.resolve_precision("auto", _machine(ZEN4), bf16_slow_models={"student 'x'": ()}).policy == "mixed_bfloat16"
+    assert cpu.resolve_precision("mixed_bfloat16", _machine(ZEN4), bf16_slow_models=slow).policy == "mixed_bfloat16"
+
+
+def test_bf16_slow_layers_of_zoo_applications_and_files(tmp_path):
+    from sokd_tf.models import specs
+
+    assert specs.bf16_slow_layers("mobilenetv2") == ("DepthwiseConv2D",)
+    assert specs.bf16_slow_layers("shufflenetv2") == ("DepthwiseConv2D",)
+    assert specs.bf16_slow_layers("wrn_16_1") == ()
+    assert specs.bf16_slow_layers("resnet8") == ()
+    assert specs.bf16_slow_layers("keras.applications.MobileNetV3Small") == ("DepthwiseConv2D",)
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.SeparableConv2D(4, 3, name="user_sep")(inputs)
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(hidden))
+    path = str(tmp_path / "user.keras")
+    keras.Model(inputs, outputs).save(path)
+    assert specs.bf16_slow_layers(path) == ("SeparableConv2D",)
+    assert specs.bf16_slow_layers(str(tmp_path / "missing.keras")) == ()
+
+
+def test_setup_runtime_keeps_a_mobilenet_student_in_float32_on_a_bf16_cpu(fresh_console, capsys):
+    config = config_lib.resolve(None, {
+        "train.precision": "auto", "model.student": "mobilenetv2", "model.teacher": "resnet8",
+        "data.deterministic": False,
+    })
+    _, choices = fit.setup_runtime(config, machine=_machine(ZEN4))
+    assert choices.precision == "float32" and keras.config.dtype_policy().name == "float32"
+    assert "student 'mobilenetv2' has DepthwiseConv2D" in capsys.readouterr().out

@@ -281,6 +281,39 @@ def _custom_classes_in_file(config) -> list[tuple[str, str]]:
     return list(dict.fromkeys(found))
 
 
+# Layer classes that train slower in bfloat16 than in float32 on CPUs with native
+# bfloat16 (oneDNN's depthwise convolutions; benchmarks/RESULTS.md, "resnet32x4 ->
+# resnet8x4 and vgg13 -> mobilenetv2"): precision "auto" keeps such runs in float32.
+BF16_SLOW_ON_CPU = ("DepthwiseConv2D", "SeparableConv2D")
+_PROBE_SHAPE = (32, 32, 3)
+
+
+def bf16_slow_layers(spec: str) -> tuple[str, ...]:
+    """The `BF16_SLOW_ON_CPU` layer classes in the model `spec` names, sorted.
+
+    A `.keras` file is read as text (its `config.json`), nothing is loaded; a zoo or
+    keras.applications spec is built once at 32x32x3 with 10 classes (layer types do not
+    depend on the shape). A spec that cannot be read or built gives () here: building
+    it for real raises the clear error.
+    """
+    try:
+        kind = spec_kind(spec)
+        if kind == "keras_file":
+            with zipfile.ZipFile(spec) as archive:
+                text = archive.read("config.json").decode("utf-8", "replace")
+            found = {name for name in BF16_SLOW_ON_CPU if f'"class_name": "{name}"' in text}
+        else:
+            if kind == "zoo":
+                model = models.build(spec, _PROBE_SHAPE, 10)
+            else:
+                model = _build_application(spec[len(APPLICATIONS_PREFIX):], _PROBE_SHAPE, 10,
+                                           name=None, what=repr(spec))
+            found = {type(layer).__name__ for layer in model._flatten_layers()} & set(BF16_SLOW_ON_CPU)
+    except (ConfigError, OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return ()
+    return tuple(sorted(found))
+
+
 def load_keras_file(
     path: str,
     *,

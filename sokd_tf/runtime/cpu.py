@@ -8,7 +8,8 @@ capabilities and exercise the real choices:
 
 - `resolve_precision`: `TrainConfig.precision="auto"` -> "mixed_bfloat16" where bfloat16
   runs natively (AVX512-BF16 or AMX-BF16 CPUs, GPUs of compute capability >= 8.0, TPUs),
-  else "float32"; an explicit "mixed_bfloat16" without native bfloat16 gets a warning.
+  except on CPUs for models with depthwise convolutions, else "float32"; an explicit
+  "mixed_bfloat16" without native bfloat16 gets a warning.
 - `resolve_batch_norm`: `ModelConfig.batch_norm="auto"` -> the implementation of
   `AUTO_BATCH_NORM` for the machine's CPU class.
 
@@ -18,6 +19,7 @@ Reference: docs/SCALING.md, "CPU classes and the auto choices".
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 CPUINFO_PATH = "/proc/cpuinfo"
 
@@ -251,20 +253,26 @@ def _device_words(features: MachineFeatures, strategy: str) -> str:
 
 
 def resolve_precision(
-    requested: str, features: MachineFeatures, *, strategy: str = "default"
+    requested: str, features: MachineFeatures, *, strategy: str = "default",
+    bf16_slow_models: Mapping[str, Sequence[str]] | None = None,
 ) -> PrecisionChoice:
     """Resolves `TrainConfig.precision` on a machine.
 
     "auto" gives "mixed_bfloat16" when the training device computes bfloat16 natively
     (`MachineFeatures.native_bf16`, or a TPU strategy), else "float32": bfloat16 emulated
     in float32 is far slower than float32 itself, and "auto" must never be slower than
-    float32. An explicit "mixed_bfloat16" without native support is honoured with a
-    warning. Every other value is returned as it is.
+    float32. On a CPU it also gives "float32" when a model of the run has layers that
+    train slower in bfloat16 there (`bf16_slow_models`, from
+    `sokd_tf.models.specs.bf16_slow_layers`: depthwise convolutions). An explicit
+    "mixed_bfloat16" without native support is honoured with a warning. Every other value
+    is returned as it is.
 
     Args:
       requested: "auto" or a Keras policy name (`sokd_tf.config.PRECISIONS`).
       features: the machine (`detect()`).
       strategy: `TrainConfig.strategy` ("tpu" trains in bfloat16 natively).
+      bf16_slow_models: model description (e.g. "student 'mobilenetv2'") -> its layer
+        classes that are slow in bfloat16 on CPUs; only consulted for a CPU choice.
 
     Returns:
       The `PrecisionChoice`.
@@ -272,6 +280,15 @@ def resolve_precision(
     native = strategy == "tpu" or features.native_bf16
     device = _device_words(features, strategy)
     if requested == "auto":
+        slow = {name: layers for name, layers in (bf16_slow_models or {}).items() if layers}
+        on_cpu = strategy != "tpu" and not features.gpu
+        if native and on_cpu and slow:
+            named = "; ".join(f"{name} has {', '.join(layers)}" for name, layers in slow.items())
+            return PrecisionChoice(
+                requested, "float32",
+                f"precision auto -> float32 ({device}, but {named}: slower in bfloat16 than "
+                f"in float32 on CPUs)",
+            )
         policy = "mixed_bfloat16" if native else "float32"
         return PrecisionChoice(requested, policy, f"precision auto -> {policy} ({device})")
     if requested == "mixed_bfloat16" and not native:

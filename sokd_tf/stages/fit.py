@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from sokd_tf.config import RunConfig
 from sokd_tf.data import ImageDataset
+from sokd_tf.models import specs
 from sokd_tf.runtime import cpu, loop
 from sokd_tf.runtime import strategy as strategy_lib
 from sokd_tf.stages import callbacks, divergence
@@ -92,7 +93,11 @@ def setup_runtime(
     if config.data.deterministic:
         tf.config.experimental.enable_op_determinism()
     machine = machine if machine is not None else cpu.detect()
-    precision = cpu.resolve_precision(config.train.precision, machine, strategy=config.train.strategy)
+    slow = {}
+    if config.train.precision == "auto" and machine.native_bf16 and not machine.gpu:
+        slow = bf16_slow_models(config)
+    precision = cpu.resolve_precision(config.train.precision, machine,
+                                      strategy=config.train.strategy, bf16_slow_models=slow)
     if precision.message:
         print_once(precision.message, warning=precision.warning)
     strategy_lib.set_precision(precision.policy)
@@ -104,6 +109,20 @@ def setup_runtime(
     if strategy is None:
         strategy = strategy_lib.make_strategy(config.train.strategy)
     return strategy, choices
+
+
+def bf16_slow_models(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The run's student and teacher specs whose layers train slower in bfloat16 on CPUs.
+
+    One decision for every stage of a run: the teacher (trained, or the source of SOKD's
+    peer and DML's second network) and the student are both looked at.
+    """
+    found = {}
+    for role, spec in (("student", config.model.student), ("teacher", config.model.teacher)):
+        layers = specs.bf16_slow_layers(spec) if spec else ()
+        if layers:
+            found[f"{role} {spec!r}"] = layers
+    return found
 
 
 def steps_per_epoch(config: RunConfig, dataset: ImageDataset) -> int:
