@@ -148,6 +148,16 @@ def test_corrupt_image_mid_shard_is_named_by_the_streaming_pipeline(tmp_path):
         load_dataset(_config(tmp_path, cache="always"))
 
 
+def test_converting_a_streamed_split_names_the_corrupt_record(tmp_path):
+    """The TFRecord writers (in-process and Beam) re-encode a streamed split: a bad image
+    met on the way is the same DataError, not a TensorFlow traceback."""
+    _records(tmp_path)
+    path = _corrupt(tmp_path, b"\x89PNG\r\n\x1a\n truncated")
+    dataset = load_dataset(_config(tmp_path, cache="never"))
+    with pytest.raises(DataError, match=rf"{path.name}, record 3: undecodable image"):
+        list(tfrecord.serialized_examples(dataset.raw_examples("train")))
+
+
 def test_image_of_another_channel_count_mid_shard_is_named(tmp_path):
     images, _ = _records(tmp_path)
     path = _corrupt(tmp_path, tf.io.encode_png(images[0][..., :1]).numpy(), shard=1, record=2)

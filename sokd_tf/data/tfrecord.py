@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from sokd_tf.data.decode import check_images, decode_image
-from sokd_tf.data.records import RecordSplit
+from sokd_tf.data.records import RecordSplit, data_errors
 from sokd_tf.data.source import SourceData, SourceSplit, check_labels, check_split_sizes
 from sokd_tf.errors import DataError
 
@@ -354,10 +354,11 @@ def serialized_examples(
                               tf.cast(label, tf.int64)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     ).batch(1024).prefetch(tf.data.AUTOTUNE)
-    for images, labels in encoded.as_numpy_iterator():
-        for image, label in zip(images, labels, strict=True):
-            yield make_example(image, label, image_key=image_key,
-                               label_key=label_key).SerializeToString()
+    with data_errors():  # a bad image met while streaming: DataError naming its record
+        for images, labels in encoded.as_numpy_iterator():
+            for image, label in zip(images, labels, strict=True):
+                yield make_example(image, label, image_key=image_key,
+                                   label_key=label_key).SerializeToString()
 
 
 def write_tfrecords(
