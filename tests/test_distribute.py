@@ -423,30 +423,3 @@ def test_multi_worker_pipeline_run_trains_on_both_and_exports_once(small_fashion
     assert f"report: {workdir}/report.md" in logs[0]
     assert "the chief worker evaluates, exports" in logs[1]
     assert sorted(p.name for p in (workdir / "export" / "serving" / "student").iterdir()) == ["1"]
-
-
-@pytest.mark.slow
-def test_multi_worker_stage_commands_train_teacher_then_distill(small_fashion_mnist, tmp_path):
-    """`pipelines.train_teacher` and `pipelines.distill` alone under 2 workers: every worker
-    finishes and prints its result (a non-chief worker gets the same results, not {})."""
-    from test_pipelines import _tiny_flags
-
-    workdir = tmp_path / "run"
-    for stage, expected in (("train_teacher", "teacher: "), ("distill", "student: last test top-1")):
-        ports = [_free_port(), _free_port()]
-        cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-        commands = []
-        for index in range(2):
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            command = [sys.executable, "-m", f"pipelines.{stage}", "--strategy=multi_worker",
-                       *_tiny_flags(small_fashion_mnist, workdir, epochs=1)]
-            commands.append((command, _env(TF_CONFIG=tf_config, CI="1")))
-        log_dir = tmp_path / stage
-        log_dir.mkdir()
-        _run_processes(commands, str(log_dir), timeout_s=600)
-        logs = [(log_dir / f"process_{i}.log").read_text() for i in range(2)]
-        assert all(expected in log for log in logs), logs[1][-2000:]
-    assert (workdir / "teacher" / "teacher.keras").exists()
-    distilled = json.loads((workdir / "distill" / "results.json").read_text())
-    assert distilled["roles"]["student"]["last_test_top1"] is not None
-    assert sorted(os.listdir(workdir)) == ["config.json", "distill", "teacher"]
