@@ -28,6 +28,7 @@ serialization" (safe_mode).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -303,15 +304,21 @@ def bf16_slow_layers(spec: str) -> tuple[str, ...]:
                 text = archive.read("config.json").decode("utf-8", "replace")
             found = {name for name in BF16_SLOW_ON_CPU if f'"class_name": "{name}"' in text}
         else:
-            if kind == "zoo":
-                model = models.build(spec, _PROBE_SHAPE, 10)
-            else:
-                model = _build_application(spec[len(APPLICATIONS_PREFIX):], _PROBE_SHAPE, 10,
-                                           name=None, what=repr(spec))
-            found = {type(layer).__name__ for layer in model._flatten_layers()} & set(BF16_SLOW_ON_CPU)
+            found = _built_layer_classes(spec, kind) & set(BF16_SLOW_ON_CPU)
     except (ConfigError, OSError, KeyError, ValueError, zipfile.BadZipFile):
         return ()
     return tuple(sorted(found))
+
+
+@functools.cache
+def _built_layer_classes(spec: str, kind: str) -> frozenset[str]:
+    """Layer class names of a zoo / keras.applications model, built once per process."""
+    if kind == "zoo":
+        model = models.build(spec, _PROBE_SHAPE, 10)
+    else:
+        model = _build_application(spec[len(APPLICATIONS_PREFIX):], _PROBE_SHAPE, 10,
+                                   name=None, what=repr(spec))
+    return frozenset(type(layer).__name__ for layer in model._flatten_layers())
 
 
 def load_keras_file(
