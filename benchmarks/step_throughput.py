@@ -229,12 +229,12 @@ def run_worker(args) -> dict:
     from sokd_tf.runtime import strategy as strategy_lib
 
     machine = _machine(args)
-    slow = {}
-    if args.precision == "auto" and machine.native_bf16 and not machine.gpu:
-        from sokd_tf.models import specs
+    from sokd_tf.models import specs
 
-        slow = {f"{role} {spec!r}": specs.bf16_slow_layers(spec)
+    def slow():
+        return {f"{role} {spec!r}": specs.bf16_slow_layers(spec)
                 for role, spec in (("student", args.student), ("teacher", args.teacher))}
+
     precision = cpu.resolve_precision(args.precision, machine, bf16_slow_models=slow).policy
     batch_norm = cpu.resolve_batch_norm(
         "auto" if args.batch_norm == "library" else args.batch_norm, machine

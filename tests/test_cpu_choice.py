@@ -242,7 +242,9 @@ def test_auto_is_the_default_and_must_be_resolved_before_it_is_set():
 
 
 def test_depthwise_models_keep_auto_in_float32_on_bf16_cpus_only():
-    slow = {"student 'mobilenetv2'": ("DepthwiseConv2D",)}
+    def slow():
+        return {"student 'mobilenetv2'": ("DepthwiseConv2D",)}
+
     choice = cpu.resolve_precision("auto", _machine(ZEN4), bf16_slow_models=slow)
     assert (choice.policy, choice.message) == ("float32", (
         "precision auto -> float32 (CPU: AMD EPYC 9B14, AVX512-BF16, but student "
@@ -250,8 +252,14 @@ def test_depthwise_models_keep_auto_in_float32_on_bf16_cpus_only():
     # A GPU or TPU trains them in bfloat16; no slow layers, or an explicit choice, as before.
     assert cpu.resolve_precision("auto", _machine(ZEN4, [(8, 0)]), bf16_slow_models=slow).policy == "mixed_bfloat16"
     assert cpu.resolve_precision("auto", _machine(ZEN3), strategy="tpu", bf16_slow_models=slow).policy == "mixed_bfloat16"
-    assert cpu.resolve_precision("auto", _machine(ZEN4), bf16_slow_models={"student 'x'": ()}).policy == "mixed_bfloat16"
+    assert cpu.resolve_precision("auto", _machine(ZEN4), bf16_slow_models=lambda: {"student 'x'": ()}).policy == "mixed_bfloat16"
     assert cpu.resolve_precision("mixed_bfloat16", _machine(ZEN4), bf16_slow_models=slow).policy == "mixed_bfloat16"
+
+    def must_not_be_asked():
+        raise AssertionError("the models are looked at only where bfloat16 would be chosen")
+
+    for text in (ZEN3, SKYLAKE):  # float32 anyway: no model is built to find out
+        assert cpu.resolve_precision("auto", _machine(text), bf16_slow_models=must_not_be_asked).policy == "float32"
 
 
 def test_bf16_slow_layers_of_zoo_applications_and_files(tmp_path):

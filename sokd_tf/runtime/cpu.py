@@ -19,7 +19,7 @@ Reference: docs/SCALING.md, "CPU classes and the auto choices".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 CPUINFO_PATH = "/proc/cpuinfo"
 
@@ -254,7 +254,7 @@ def _device_words(features: MachineFeatures, strategy: str) -> str:
 
 def resolve_precision(
     requested: str, features: MachineFeatures, *, strategy: str = "default",
-    bf16_slow_models: Mapping[str, Sequence[str]] | None = None,
+    bf16_slow_models: Callable[[], Mapping[str, Sequence[str]]] | None = None,
 ) -> PrecisionChoice:
     """Resolves `TrainConfig.precision` on a machine.
 
@@ -271,8 +271,9 @@ def resolve_precision(
       requested: "auto" or a Keras policy name (`sokd_tf.config.PRECISIONS`).
       features: the machine (`detect()`).
       strategy: `TrainConfig.strategy` ("tpu" trains in bfloat16 natively).
-      bf16_slow_models: model description (e.g. "student 'mobilenetv2'") -> its layer
-        classes that are slow in bfloat16 on CPUs; only consulted for a CPU choice.
+      bf16_slow_models: returns model description (e.g. "student 'mobilenetv2'") -> its
+        layer classes that are slow in bfloat16 on CPUs; called only when "auto" would
+        otherwise pick bfloat16 on a CPU (finding out may build the models).
 
     Returns:
       The `PrecisionChoice`.
@@ -280,9 +281,11 @@ def resolve_precision(
     native = strategy == "tpu" or features.native_bf16
     device = _device_words(features, strategy)
     if requested == "auto":
-        slow = {name: layers for name, layers in (bf16_slow_models or {}).items() if layers}
         on_cpu = strategy != "tpu" and not features.gpu
-        if native and on_cpu and slow:
+        slow = {}
+        if native and on_cpu and bf16_slow_models is not None:
+            slow = {name: layers for name, layers in bf16_slow_models().items() if layers}
+        if slow:
             named = "; ".join(f"{name} has {', '.join(layers)}" for name, layers in slow.items())
             return PrecisionChoice(
                 requested, "float32",

@@ -93,11 +93,9 @@ def setup_runtime(
     if config.data.deterministic:
         tf.config.experimental.enable_op_determinism()
     machine = machine if machine is not None else cpu.detect()
-    slow = {}
-    if config.train.precision == "auto" and machine.native_bf16 and not machine.gpu:
-        slow = bf16_slow_models(config)
-    precision = cpu.resolve_precision(config.train.precision, machine,
-                                      strategy=config.train.strategy, bf16_slow_models=slow)
+    precision = cpu.resolve_precision(
+        config.train.precision, machine, strategy=config.train.strategy,
+        bf16_slow_models=functools.partial(bf16_slow_models, config))
     if precision.message:
         print_once(precision.message, warning=precision.warning)
     strategy_lib.set_precision(precision.policy)
