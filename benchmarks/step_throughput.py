@@ -50,6 +50,7 @@ one 1x (KD's teacher; SOKD's teacher trunk and head).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -231,10 +232,7 @@ def run_worker(args) -> dict:
     machine = _machine(args)
     from sokd_tf.models import specs
 
-    def slow():
-        return {f"{role} {spec!r}": specs.bf16_slow_layers(spec)
-                for role, spec in (("student", args.student), ("teacher", args.teacher))}
-
+    slow = functools.partial(specs.bf16_slow_models, student=args.student, teacher=args.teacher)
     precision = cpu.resolve_precision(args.precision, machine, bf16_slow_models=slow).policy
     batch_norm = cpu.resolve_batch_norm(
         "auto" if args.batch_norm == "library" else args.batch_norm, machine

@@ -310,6 +310,21 @@ def bf16_slow_layers(spec: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def bf16_slow_models(*, student: str | None, teacher: str | None) -> dict[str, tuple[str, ...]]:
+    """`bf16_slow_layers` of a run's student and teacher, keyed "student 'spec'" etc.
+
+    One decision for every stage of a run: the teacher (trained, or the source of SOKD's
+    peer and DML's second network) and the student are both looked at. Models without
+    such layers are left out.
+    """
+    found = {}
+    for role, spec in (("student", student), ("teacher", teacher)):
+        layers = bf16_slow_layers(spec) if spec else ()
+        if layers:
+            found[f"{role} {spec!r}"] = layers
+    return found
+
+
 @functools.cache
 def _built_layer_classes(spec: str, kind: str) -> frozenset[str]:
     """Layer class names of a zoo / keras.applications model, built once per process."""

@@ -95,7 +95,8 @@ def setup_runtime(
     machine = machine if machine is not None else cpu.detect()
     precision = cpu.resolve_precision(
         config.train.precision, machine, strategy=config.train.strategy,
-        bf16_slow_models=functools.partial(bf16_slow_models, config))
+        bf16_slow_models=functools.partial(specs.bf16_slow_models, student=config.model.student,
+                                           teacher=config.model.teacher))
     if precision.message:
         print_once(precision.message, warning=precision.warning)
     strategy_lib.set_precision(precision.policy)
@@ -107,20 +108,6 @@ def setup_runtime(
     if strategy is None:
         strategy = strategy_lib.make_strategy(config.train.strategy)
     return strategy, choices
-
-
-def bf16_slow_models(config: RunConfig) -> dict[str, tuple[str, ...]]:
-    """The run's student and teacher specs whose layers train slower in bfloat16 on CPUs.
-
-    One decision for every stage of a run: the teacher (trained, or the source of SOKD's
-    peer and DML's second network) and the student are both looked at.
-    """
-    found = {}
-    for role, spec in (("student", config.model.student), ("teacher", config.model.teacher)):
-        layers = specs.bf16_slow_layers(spec) if spec else ()
-        if layers:
-            found[f"{role} {spec!r}"] = layers
-    return found
 
 
 def steps_per_epoch(config: RunConfig, dataset: ImageDataset) -> int:
