@@ -19,7 +19,8 @@ common.define_config_flags(default_preset="quickstart")
 common.define_workdir_flags(overwrite=False)
 flags.adopt_module_key_flags(common)
 flags.DEFINE_string("model_path", None, "A .keras model; unset = every model saved in --workdir.")
-flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate on.")
+flags.DEFINE_enum("split", "test", ["train", "validation", "test"],
+                  "Split to evaluate on; workdir/evaluation.json is written for the test split only.")
 
 
 def config():
@@ -28,15 +29,16 @@ def config():
 
 def body():
     run_config = config()
-    if not common.FLAGS.model_path:
-        saved_models(run_config, common.FLAGS.workdir)  # refuses an empty workdir before reading data
+    split = common.FLAGS.split
+    # Found before the data is read, so an empty workdir is refused at once.
+    models = None if common.FLAGS.model_path else saved_models(run_config, common.FLAGS.workdir)
     dataset = load_dataset(run_config.data, seed=run_config.train.seed)
     if common.FLAGS.model_path:
         model = load_model(common.FLAGS.model_path)
-        batches = dataset.eval_batches(common.FLAGS.split, run_config.data.eval_batch_size)
-        results = evaluate_model(model, batches)
+        results = evaluate_model(model, dataset.eval_batches(split, run_config.data.eval_batch_size))
     else:
-        results = evaluate_workdir(run_config, common.FLAGS.workdir, dataset)
+        results = evaluate_workdir(run_config, common.FLAGS.workdir, dataset, split=split,
+                                   models=models)
     print(json.dumps(results, indent=2))
 
 

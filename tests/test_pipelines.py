@@ -162,11 +162,15 @@ def test_run_end_to_end(small_fashion_mnist, tmp_path):
     assert resources["resumed"] is False
     assert "Run: " in report and " min " in result.stdout and "peak memory" in result.stdout
 
-    # The other entry points work on the finished workdir.
-    result = _pipeline("evaluate", [f"--workdir={workdir}"], timeout=300)
+    # The other entry points work on the finished workdir. Evaluating another split
+    # prints it and leaves evaluation.json (test figures) as it was.
+    written = (workdir / "evaluation.json").read_text()
+    result = _pipeline("evaluate", [f"--workdir={workdir}", "--split=train"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    evaluation = json.loads(result.stdout[result.stdout.index("{"):])
-    assert 0.0 <= evaluation["student_last"]["top1"] <= 1.0
+    on_train = json.loads(result.stdout[result.stdout.index("{"):])
+    assert set(on_train) == set(json.loads(written))
+    assert 0.0 <= on_train["student_last"]["top1"] <= 1.0
+    assert (workdir / "evaluation.json").read_text() == written
     result = _pipeline(
         "export_student",
         [f"--workdir={workdir}", f"--student_file={workdir}/distill/student_last.keras",

@@ -240,45 +240,50 @@ def custom_objects_from_modules(custom_modules: Iterable[str]) -> dict[str, type
     return found
 
 
-def _code_in_file(config) -> list[str]:
-    """Names of the layers whose serialized config carries Python code (Lambda, lambdas)."""
-    culprits = []
+def _archive_config(path: str) -> dict:
+    """The model config a `.keras` archive stores (its `config.json`); nothing is loaded.
+
+    Raises:
+      OSError, zipfile.BadZipFile: not a readable zip archive.
+      KeyError: no `config.json` in it.
+      ValueError: `config.json` is not JSON.
+    """
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read("config.json"))
+
+
+def _serialized_objects(config) -> Iterable[tuple[dict, str | None]]:
+    """Every serialized object (a dict with a `class_name`) in a Keras config, with the
+    name of the innermost layer it belongs to (None outside any named layer)."""
 
     def walk(value, layer_name):
         if isinstance(value, dict):
-            inner = value.get("config")
-            if "class_name" in value and isinstance(inner, dict) and isinstance(
-                    inner.get("name"), str):
-                layer_name = inner["name"]
-            if value.get("class_name") in ("Lambda", "__lambda__"):
-                culprits.append(layer_name or "?")
+            if "class_name" in value:
+                inner = value.get("config")
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                    layer_name = inner["name"]
+                yield value, layer_name
             for item in value.values():
-                walk(item, layer_name)
+                yield from walk(item, layer_name)
         elif isinstance(value, list):
             for item in value:
-                walk(item, layer_name)
+                yield from walk(item, layer_name)
 
-    walk(config, None)
+    yield from walk(config, None)
+
+
+def _code_in_file(config) -> list[str]:
+    """Names of the layers whose serialized config carries Python code (Lambda, lambdas)."""
+    culprits = [layer_name or "?" for entry, layer_name in _serialized_objects(config)
+                if entry["class_name"] in ("Lambda", "__lambda__")]
     return list(dict.fromkeys(culprits))
 
 
 def _custom_classes_in_file(config) -> list[tuple[str, str]]:
     """`(class_name, module)` of every non-Keras, non-sokd_tf class the file refers to."""
-    found = []
-
-    def walk(value):
-        if isinstance(value, dict):
-            module = value.get("module")
-            if ("class_name" in value and isinstance(module, str)
-                    and not module.startswith(("keras", "sokd_tf", "builtins"))):
-                found.append((value["class_name"], module))
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(config)
+    found = [(entry["class_name"], entry["module"]) for entry, _ in _serialized_objects(config)
+             if isinstance(entry.get("module"), str)
+             and not entry["module"].startswith(("keras", "sokd_tf", "builtins"))]
     return list(dict.fromkeys(found))
 
 
@@ -292,7 +297,7 @@ _PROBE_SHAPE = (32, 32, 3)
 def bf16_slow_layers(spec: str) -> tuple[str, ...]:
     """The `BF16_SLOW_ON_CPU` layer classes in the model `spec` names, sorted.
 
-    A `.keras` file is read as text (its `config.json`), nothing is loaded; a zoo or
+    A `.keras` file's stored config is read, nothing is loaded; a zoo or
     keras.applications spec is built once at 32x32x3 with 10 classes (layer types do not
     depend on the shape). A spec that cannot be read or built gives () here: building
     it for real raises the clear error.
@@ -300,14 +305,12 @@ def bf16_slow_layers(spec: str) -> tuple[str, ...]:
     try:
         kind = spec_kind(spec)
         if kind == "keras_file":
-            with zipfile.ZipFile(spec) as archive:
-                text = archive.read("config.json").decode("utf-8", "replace")
-            found = {name for name in BF16_SLOW_ON_CPU if f'"class_name": "{name}"' in text}
+            found = {entry["class_name"] for entry, _ in _serialized_objects(_archive_config(spec))}
         else:
-            found = _built_layer_classes(spec, kind) & set(BF16_SLOW_ON_CPU)
+            found = _built_layer_classes(spec, kind)
     except (ConfigError, OSError, KeyError, ValueError, zipfile.BadZipFile):
         return ()
-    return tuple(sorted(found))
+    return tuple(sorted(found & set(BF16_SLOW_ON_CPU)))
 
 
 def bf16_slow_models(*, student: str | None, teacher: str | None) -> dict[str, tuple[str, ...]]:
@@ -363,8 +366,7 @@ def load_keras_file(
     if not os.path.isfile(path):
         raise ConfigError(f"{what}: no such file {path!r}")
     try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
+        config = _archive_config(path)
     except (zipfile.BadZipFile, KeyError, ValueError) as err:
         raise ConfigError(f"{what}: {path!r} is not a Keras .keras archive ({err})") from err
     code = _code_in_file(config)

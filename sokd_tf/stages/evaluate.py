@@ -92,21 +92,25 @@ def saved_models(config: RunConfig, workdir: str) -> dict[str, str]:
     return found
 
 
-def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset) -> dict:
-    """Test top-1/top-5 of every model the run saved; writes `evaluation.json`.
+def evaluate_workdir(config: RunConfig, workdir: str, dataset: ImageDataset, *,
+                     split: str = "test", models: dict[str, str] | None = None) -> dict:
+    """Top-1/top-5 on `split` of every model the run saved; on "test", writes `evaluation.json`.
 
     The teacher file distilled from, the teacher stage's validation-best teacher, and
     every `distill/*_{best,last}.keras` that takes images (student, DML's peer, SOKD's
     reconstructed teacher; SOKD's peer takes teacher features and is evaluated as the
-    reconstructed teacher), each loaded from disk.
+    reconstructed teacher), each loaded from disk. `models` is `saved_models`' answer when
+    the caller has it already. `evaluation.json` holds test figures only, so another
+    split is returned, not written.
     """
     paths = workdir_lib.Workdir(workdir)
-    test_data = dataset.eval_batches("test", config.data.eval_batch_size)
+    batches = dataset.eval_batches(split, config.data.eval_batch_size)
     results = {}
-    for name, path in saved_models(config, workdir).items():
+    for name, path in (models or saved_models(config, workdir)).items():
         model = load_model(path, config.model)
         if tuple(model.input_shape[1:]) != tuple(dataset.info.image_shape):
             continue  # SOKD's peer takes teacher features; reconstructed_teacher is its image model.
-        results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, test_data)}
-    workdir_lib.write_json(paths.evaluation, results)
+        results[name] = {"path": path, "params": model.count_params(), **evaluate_model(model, batches)}
+    if split == "test":
+        workdir_lib.write_json(paths.evaluation, results)
     return results
