@@ -468,14 +468,60 @@ def _fmt(value, pattern="{:.1f}"):
     return "n/a" if value is None else pattern.format(value)
 
 
-def _table(records, peak, torch_by_batch) -> str:
+def _config_key(record) -> tuple:
+    return (record["batch"], record["method"], record["precision"], record["jit"],
+            record["batch_norm"])
+
+
+def combine_rounds(records, torch_rounds) -> list[dict]:
+    """One record per configuration from its rounds, with its ratio to PyTorch.
+
+    `records` are the workers' records (a "round" each, from 1); `torch_rounds` maps batch
+    -> one {method: images/s} per round. A combined record carries images/s as the median
+    of the rounds' medians (min/max over every round's windows) and `x_torch` as the median
+    of the per-round ratios (TensorFlow's rate over the same round's PyTorch rate) with
+    `x_torch_min`/`x_torch_max`; None where PyTorch did not run the method.
+    """
+    grouped: dict[tuple, list[dict]] = {}
+    for record in records:
+        grouped.setdefault(_config_key(record), []).append(record)
+    combined = []
+    for key, rounds in grouped.items():
+        first = dict(rounds[0])
+        first.pop("round", None)
+        timed = [r for r in rounds if r.get("images_per_s_median")]
+        ratios = []
+        for r in timed:
+            per_round = torch_rounds.get(r["batch"], [])
+            index = r.get("round", 1) - 1
+            torch_rate = per_round[index].get(r["method"]) if index < len(per_round) else None
+            if torch_rate:
+                ratios.append(r["images_per_s_median"] / torch_rate)
+        if timed:
+            first.update(
+                images_per_s_median=round(statistics.median(r["images_per_s_median"] for r in timed), 1),
+                images_per_s_min=min(r["images_per_s_min"] for r in timed),
+                images_per_s_max=max(r["images_per_s_max"] for r in timed),
+                cpu_use_per_window=[u for r in timed for u in r["cpu_use_per_window"]],
+                peak_rss_mib=max(r["peak_rss_mib"] for r in timed),
+            )
+        first.update(
+            rounds=len(rounds),
+            x_torch=statistics.median(ratios) if ratios else None,
+            x_torch_min=min(ratios) if ratios else None,
+            x_torch_max=max(ratios) if ratios else None,
+        )
+        combined.append(first)
+    return combined
+
+
+def _table(records, peak) -> str:
     lines = [
         "| batch | method | precision (used) | XLA | BN (used) | images/s median (min-max) | x PyTorch fp32 "
         "| GFLOP/img | GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | CPU use |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        torch_rate = (torch_by_batch.get(r["batch"]) or {}).get(r["method"])
         precision = r["precision"]
         if r.get("precision_used", precision) != precision:
             precision = f"{precision} ({r['precision_used']})"
@@ -492,13 +538,23 @@ def _table(records, peak, torch_by_batch) -> str:
             f"| {r['batch']} | {r['method']} | {precision} | {r['jit']} | "
             f"{batch_norm} | "
             f"{_fmt(rate)} ({_fmt(r['images_per_s_min'])}-{_fmt(r['images_per_s_max'])}) | "
-            f"{_fmt(rate / torch_rate if rate and torch_rate else None, '{:.2f}')} | "
+            f"{_ratio_cell(r)} | "
             f"{r['gflop_per_image']:.3f} | {_fmt(achieved)} | "
             f"{_fmt(100 * achieved / peak['float32'] if achieved else None, '{:.0f}')} | "
             f"{_fmt(100 * achieved / peak['bfloat16'] if achieved and peak['bfloat16'] else None, '{:.0f}')} | "
             f"{r['peak_rss_mib']} | {max(r['cpu_use_per_window'], default=0):.2f} |"
         )
     return "\n".join(lines)
+
+
+def _ratio_cell(record) -> str:
+    """"1.08" for one round, "1.08 (0.88-1.37)" over several; "n/a" without PyTorch."""
+    if record.get("x_torch") is None:
+        return "n/a"
+    cell = f"{record['x_torch']:.2f}"
+    if record.get("rounds", 1) > 1:
+        cell += f" ({record['x_torch_min']:.2f}-{record['x_torch_max']:.2f})"
+    return cell
 
 
 def _ratios(records, flop_ratio) -> str:
@@ -638,38 +694,42 @@ def run_driver(args) -> None:
     print(f"matmul peak (TF, {args.matmul_size}^2): float32 {peak['float32']} GFLOP/s, "
           f"bfloat16 {_fmt(peak['bfloat16'])} GFLOP/s", flush=True)
 
-    torch_by_batch, torch_raw = {}, {}
     torch_note = _torch_skip_note(args)
     torch_python = None
     if not torch_note and not args.no_torch:
         torch_python = _ensure_bench_venv(args.bench_venv, args.install)
     if torch_note:
         print(torch_note, flush=True)
-    elif torch_python and os.path.exists(args.torch_script):
-        threads = args.intra_threads or os.cpu_count()
-        for batch in args.batch:
-            output = _run_torch_reference(torch_python, args.torch_script, batch, args, threads)
-            torch_raw[batch] = output
-            torch_by_batch[batch] = {
-                method: values["images_per_s_median"]
-                for method, values in output["methods"].items()
-            }
-            print(f"PyTorch batch {batch}: {json.dumps(torch_raw[batch])}", flush=True)
-    else:
+    elif not (torch_python and os.path.exists(args.torch_script)):
         print("PyTorch reference skipped (no --torch_script or bench venv)", flush=True)
+    run_torch = bool(not torch_note and torch_python and os.path.exists(args.torch_script))
 
-    records = []
-    for batch in args.batch:
-        for method in methods:
-            for precision in precisions:
-                for jit in jits:
-                    for batch_norm in args.batch_norm.split(","):
-                        record = _run_child(
-                            _worker_command(args, method, precision, jit, batch, batch_norm),
-                            env=_child_env(args, "tensorflow"),
-                        )
-                        records.append(record)
-                        print(json.dumps(record), flush=True)
+    torch_raw, records = {}, []  # torch_raw: batch -> one output per round
+    for round_index in range(args.rounds):
+        if run_torch:
+            threads = args.intra_threads or os.cpu_count()
+            for batch in args.batch:
+                output = _run_torch_reference(torch_python, args.torch_script, batch, args, threads)
+                torch_raw.setdefault(batch, []).append(output)
+                print(f"PyTorch batch {batch}, round {round_index + 1}: {json.dumps(output)}",
+                      flush=True)
+        for batch in args.batch:
+            for method in methods:
+                for precision in precisions:
+                    for jit in jits:
+                        for batch_norm in args.batch_norm.split(","):
+                            record = _run_child(
+                                _worker_command(args, method, precision, jit, batch, batch_norm),
+                                env=_child_env(args, "tensorflow"),
+                            )
+                            record["round"] = round_index + 1
+                            records.append(record)
+                            print(json.dumps(record), flush=True)
+    torch_rounds = {
+        batch: [{method: values["images_per_s_median"] for method, values in output["methods"].items()}
+                for output in outputs]
+        for batch, outputs in torch_raw.items()
+    }
 
     flops = {r["method"]: r["gflop_per_image"] for r in records if "gflop_per_image" in r}
     flop_ratio = flops["sokd"] / flops["kd"] if "sokd" in flops and "kd" in flops else 1.57
@@ -692,16 +752,24 @@ def run_driver(args) -> None:
         "reference runs the same modes: frozen = eval mode, official = train mode).",
         "",
     ]
-    for batch, raw in torch_raw.items():
-        rates = ", ".join(
-            f"{method} {values['images_per_s_median']} ({values['images_per_s_min']}-"
-            f"{values['images_per_s_max']})" for method, values in raw["methods"].items()
-        )
-        report.append(f"PyTorch reference ({raw['framework']}, ATen CPU capability "
-                      f"{raw.get('cpu_capability', 'not reported')}, batch {batch}, parameter-count "
-                      f"self-check {raw['self_check']}): {rates} images/s; "
-                      f"peak RSS {raw['peak_rss_mib']} MiB.")
-    report += ["", _table(records, peak, torch_by_batch), "", _ratios(records, flop_ratio)]
+    for batch, outputs in torch_raw.items():
+        for round_index, raw in enumerate(outputs):
+            rates = ", ".join(
+                f"{method} {values['images_per_s_median']} ({values['images_per_s_min']}-"
+                f"{values['images_per_s_max']})" for method, values in raw["methods"].items()
+            )
+            in_round = f", round {round_index + 1}" if args.rounds > 1 else ""
+            report.append(f"PyTorch reference ({raw['framework']}, ATen CPU capability "
+                          f"{raw.get('cpu_capability', 'not reported')}, batch {batch}{in_round}, "
+                          f"parameter-count self-check {raw['self_check']}): {rates} images/s; "
+                          f"peak RSS {raw['peak_rss_mib']} MiB.")
+    combined = combine_rounds(records, torch_rounds)
+    if args.rounds > 1:
+        report += ["", f"Over {args.rounds} rounds (each a fresh process per framework and "
+                   "config): images/s is the median of the rounds' medians (min-max over every "
+                   "kept window); x PyTorch is the median of the rounds' ratios (min-max over "
+                   "rounds), each round's TensorFlow rate over that round's PyTorch rate."]
+    report += ["", _table(combined, peak), "", _ratios(combined, flop_ratio)]
     text = "\n".join(report)
     print("\n" + text)
     if args.markdown:
@@ -710,7 +778,9 @@ def run_driver(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "onednn_isa": onednn_isa,
-                       "emulation": emulation or None, "peak": peak, "torch": torch_raw,
+                       "emulation": emulation or None, "peak": peak, "rounds": args.rounds,
+                       "torch": {batch: outputs[0] if args.rounds == 1 else outputs
+                                 for batch, outputs in torch_raw.items()},
                        "records": records}, f, indent=1)
 
 
@@ -743,6 +813,10 @@ def parse_args(argv=None):
     parser.add_argument("--jit", default="off,on", help="XLA settings to time: off,on")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=5, help="timed windows per config")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times the whole comparison (PyTorch, then every config, each in "
+                             "a fresh process) is run; the table gives medians over rounds "
+                             "and each ratio's range, since one process can be ~20%% off")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--min_cpu_use", type=float, default=0.0,
                         help="keep a timed window only above this CPU use per thread")

@@ -59,3 +59,35 @@ def test_one_timed_kd_step_for_a_zoo_pair(step_throughput):
     student = step_throughput._forward_macs(models.build("resnet8x4", (32, 32, 3), 100))
     teacher = step_throughput._forward_macs(models.build("resnet8", (32, 32, 3), 100))
     assert record["gflop_per_image"] == round(2 * (3 * student + teacher) / 1e9, 4)
+
+
+def _record(method, round_, rate, low, high, batch_norm="fused"):
+    return {"batch": 64, "method": method, "precision": "float32", "jit": "off",
+            "batch_norm": batch_norm, "round": round_, "images_per_s_median": rate,
+            "images_per_s_min": low, "images_per_s_max": high, "cpu_use_per_window": [1.9],
+            "peak_rss_mib": 1000 + round_, "gflop_per_image": 0.5}
+
+
+def test_rounds_pair_each_tensorflow_rate_with_its_own_rounds_pytorch_rate(step_throughput):
+    records = [
+        _record("vanilla", 1, 300.0, 290.0, 310.0), _record("vanilla", 2, 240.0, 230.0, 250.0),
+        _record("vanilla", 3, 250.0, 200.0, 260.0), _record("sokd", 1, 90.0, 88.0, 95.0),
+    ]
+    records.append(dict(_record("vanilla", 1, None, None, None, "stock"), skipped="no"))
+    torch_rounds = {64: [{"vanilla": 200.0, "sokd": 100.0}, {"vanilla": 300.0}, {"vanilla": 250.0}]}
+    combined = {(r["method"], r["batch_norm"]): r
+                for r in step_throughput.combine_rounds(records, torch_rounds)}
+    vanilla = combined[("vanilla", "fused")]
+    # Per-round ratios 300/200 = 1.5, 240/300 = 0.8, 250/250 = 1.0: median 1.0, range 0.8-1.5.
+    # (Pooled medians would give 250/250 = 1.0 too, but not the range.)
+    assert vanilla["x_torch"] == pytest.approx(1.0)
+    assert (vanilla["x_torch_min"], vanilla["x_torch_max"]) == (pytest.approx(0.8), pytest.approx(1.5))
+    assert vanilla["images_per_s_median"] == 250.0
+    assert (vanilla["images_per_s_min"], vanilla["images_per_s_max"]) == (200.0, 310.0)
+    assert vanilla["rounds"] == 3 and vanilla["peak_rss_mib"] == 1003 and "round" not in vanilla
+    assert step_throughput._ratio_cell(vanilla) == "1.00 (0.80-1.50)"
+    sokd = combined[("sokd", "fused")]
+    assert sokd["x_torch"] == pytest.approx(0.9) and step_throughput._ratio_cell(sokd) == "0.90"
+    assert combined[("vanilla", "stock")]["x_torch"] is None
+    table = step_throughput._table(list(combined.values()), {"float32": 200.0, "bfloat16": None})
+    assert "| 64 | vanilla | float32 | off | fused | 250.0 (200.0-310.0) | 1.00 (0.80-1.50) |" in table
