@@ -35,11 +35,21 @@ resolved for the emulated CPU class.
 (primitive, implementation and ISA, data type, calls per step) one training step runs,
 from `ONEDNN_VERBOSE=1`; ops TensorFlow runs in Eigen do not appear there.
 
+`--op_profile` shows where each method's step spends its time: TensorFlow's profiler
+(framework op stats) and torch.profiler on the PyTorch reference, both summed per op
+category (conv forward, backward-data, backward-weights, BN forward/backward, ReLU,
+element-wise, optimizer update, other) in ms per step, side by side. Use
+`--inter_threads=1` for TensorFlow op times that add up to the step's wall time (with
+two inter-op threads two ops can run at once and their times overlap). Under a profiler
+both steps run somewhat slower; the shares, not the rates, are the point.
+
 Usage (from the repository root):
   python benchmarks/step_throughput.py --batch=64 [--batch=128] \
       [--teacher=wrn_40_2 --student=wrn_40_1] [--methods=vanilla,kd,dml,sokd] [--precisions=float32,mixed_bfloat16,auto] \
       [--jit=off,on] [--batch_norm=library,fused,stock] [--onednn_max_cpu_isa=AVX2] \
-      [--steps=5] [--repeats=5] [--markdown=benchmarks/out.md] [--json=out.json]
+      [--steps=5] [--repeats=5] [--rounds=1] [--markdown=benchmarks/out.md] [--json=out.json]
+  python benchmarks/step_throughput.py --op_profile --methods=vanilla,kd,sokd \
+      --precisions=float32 --batch_norm=fused --inter_threads=1 [--onednn_max_cpu_isa=AVX2]
 
 FLOPs per image (forward + backward, 2 FLOPs per multiply-add) are counted from the
 Keras models (Conv2D, grouped ones included, DepthwiseConv2D and Dense layers): a trained
@@ -294,6 +304,9 @@ def run_worker(args) -> dict:
         quiet = others <= args.max_other_load
         if quiet and cpu / wall >= args.min_cpu_use * min(threads, os.cpu_count()):
             rates.append(args.batch * args.steps / wall)
+    if args.profile_dir:
+        record["op_profile"] = _profile_steps(run, args.steps, args.profile_dir,
+                                              trainer.optimizer.name)
     return {
         **record,
         "images_per_s_median": round(statistics.median(rates), 1) if rates else None,
@@ -311,6 +324,67 @@ def run_worker(args) -> dict:
         "peak_rss_mib": round(_peak_rss_mib()),
         "threads": {"intra": args.intra_threads, "inter": args.inter_threads},
     }
+
+
+# Op categories of `--op_profile`, in table order; torch_reference.py sorts PyTorch's ops
+# into the same ones.
+OP_CATEGORIES = ("conv forward", "conv backward-data", "conv backward-weights",
+                 "conv backward (both)", "batch norm forward", "batch norm backward", "ReLU",
+                 "element-wise", "optimizer update", "other")
+
+
+def tf_op_category(op_type: str, op_name: str, optimizer_name: str) -> str | None:
+    """The `OP_CATEGORIES` entry of one TensorFlow op (None for the profiler's IDLE).
+
+    `op_type` is the kernel's type (oneDNN's `_MklNative...` included), `op_name` its graph
+    name, whose scope names the optimizer for the update's ops.
+    """
+    kind = op_type.lower()
+    if kind == "idle":
+        return None
+    if f"/{optimizer_name}/" in f"/{op_name}/":
+        return "optimizer update"
+    if "conv" in kind:
+        if "backpropinput" in kind:
+            return "conv backward-data"
+        if "backpropfilter" in kind:
+            return "conv backward-weights"
+        return "conv forward"
+    if "batchnorm" in kind:
+        return "batch norm backward" if "grad" in kind else "batch norm forward"
+    if "relu" in kind:
+        return "ReLU"
+    if kind.removeprefix("_mklnative").removeprefix("_mkl") in ("addv2", "addn", "add", "mul", "sub", "realdiv",
+                                                 "pad", "slice", "tile", "square", "neg",
+                                                 "biasadd", "biasaddgrad"):
+        return "element-wise"
+    return "other"
+
+
+def _profile_steps(run, steps: int, directory: str, optimizer_name: str) -> dict:
+    """Per-category op time (ms per step) of `steps` training steps under TF's profiler."""
+    import glob
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as profiler_plugin
+
+    tf.profiler.experimental.start(directory)
+    wall = time.perf_counter()
+    run(steps)
+    wall = time.perf_counter() - wall
+    tf.profiler.experimental.stop()
+    planes = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    data, _ = profiler_plugin.xspace_to_tools_data(planes, "framework_op_stats", {})
+    table = json.loads(data)[0]
+    columns = [column["id"] for column in table["cols"]]
+    totals = dict.fromkeys(OP_CATEGORIES, 0.0)
+    for row in table["rows"]:
+        cells = dict(zip(columns, (cell.get("v") for cell in row["c"])))
+        category = tf_op_category(cells["type"], cells["operation"], optimizer_name)
+        if category:
+            totals[category] += cells["total_self_time"] / 1000 / steps  # us -> ms per step
+    return {"ms_per_step": {k: round(v, 2) for k, v in totals.items()},
+            "profiled_wall_ms_per_step": round(1000 * wall / steps, 1)}
 
 
 def run_peak_worker(args) -> dict:
@@ -461,6 +535,8 @@ def _worker_command(args, method, precision, jit, batch, batch_norm):
         command.append(f"--inter_threads={args.inter_threads}")
     if args.onednn_max_cpu_isa:
         command.append(f"--onednn_max_cpu_isa={args.onednn_max_cpu_isa}")
+    if args.profile_dir:
+        command.append(f"--profile_dir={args.profile_dir}")
     return command
 
 
@@ -650,6 +726,75 @@ def run_kernel_census(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"emulation": emulation or None, "configurations": out}, f, indent=1)
+
+
+def run_op_profile(args) -> None:
+    """`--op_profile`: per-category op time of each method's step, both frameworks."""
+    import tempfile
+
+    emulation = _emulation_label(args)
+    batch = args.batch[0]
+    precision = args.precisions.split(",")[0]
+    batch_norm = args.batch_norm.split(",")[0]
+    torch_python = None if args.no_torch else _ensure_bench_venv(args.bench_venv, args.install)
+    threads = args.intra_threads or os.cpu_count()
+    lines = [f"# op profile, batch {batch}, {_pair(args)}, precision {precision}, BN "
+             f"{batch_norm}, TensorFlow threads intra={args.intra_threads or 'default'} "
+             f"inter={args.inter_threads or 'default'}" + (f"; {emulation}" if emulation else "")]
+    out = []
+    for method in args.methods.split(","):
+        with tempfile.TemporaryDirectory() as directory:
+            profile_args = argparse.Namespace(**vars(args), )
+            profile_args.profile_dir = directory
+            profile_args.max_other_load = 1e9  # the timing here is the profiler's
+            record = _run_child(
+                _worker_command(profile_args, method, precision, "off", batch, batch_norm),
+                env=_child_env(args, "tensorflow"))
+        torch_profile = None
+        if torch_python and _is_reference_pair(args) and method in METHODS:
+            command = [torch_python, args.torch_script, f"--batch={batch}",
+                       f"--steps={args.steps}", f"--warmup={args.warmup}", f"--threads={threads}",
+                       f"--methods={method}", f"--kd_teacher_bn={args.kd_teacher_bn}",
+                       f"--sokd_teacher_bn={args.sokd_teacher_bn}", "--profile"]
+            process = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                                     env=_child_env(args, "torch"))
+            if process.returncode != 0:
+                raise RuntimeError(f"PyTorch profile failed:\n{process.stderr[-3000:]}")
+            torch_profile = json.loads(process.stdout.strip().splitlines()[-1])["profiles"][method]
+        out.append({"method": method, "tensorflow": record, "torch": torch_profile})
+        lines += ["", op_profile_table(method, record, torch_profile)]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"emulation": emulation or None, "profiles": out}, f, indent=1)
+
+
+def op_profile_table(method: str, record: dict, torch_profile: dict | None) -> str:
+    """Markdown table of one method's op time per category, TensorFlow beside PyTorch."""
+    tf_ms = record["op_profile"]["ms_per_step"]
+    torch_ms = (torch_profile or {}).get("ms_per_step", {})
+    tf_ms = dict(tf_ms, **{"conv backward (both)": tf_ms["conv backward-data"]
+                           + tf_ms["conv backward-weights"]})
+    lines = [f"{method}: step wall time under the profiler, TensorFlow "
+             f"{record['op_profile']['profiled_wall_ms_per_step']} ms, PyTorch "
+             f"{_fmt((torch_profile or {}).get('profiled_wall_ms_per_step'))} ms",
+             "", "| op category | TensorFlow ms/step | PyTorch ms/step | TF / PyTorch |",
+             "|---|---:|---:|---:|"]
+    for category in OP_CATEGORIES:
+        mine, theirs = tf_ms.get(category), torch_ms.get(category)
+        if category in ("conv backward-data", "conv backward-weights"):
+            theirs = None  # PyTorch's convolution_backward computes both in one op
+        ratio = mine / theirs if mine is not None and theirs else None
+        lines.append(f"| {category} | {_fmt(mine)} | {_fmt(theirs)} | {_fmt(ratio, '{:.2f}')} |")
+    total_tf = sum(v for k, v in tf_ms.items() if k != "conv backward (both)")
+    total_torch = sum(torch_ms.values()) if torch_ms else None
+    lines.append(f"| all ops | {_fmt(total_tf)} | {_fmt(total_torch)} | "
+                 f"{_fmt(total_tf / total_torch if total_torch else None, '{:.2f}')} |")
+    return "\n".join(lines)
 
 
 def _pair(args) -> str:
@@ -849,6 +994,11 @@ def parse_args(argv=None):
     parser.add_argument("--onednn_kernels", action="store_true",
                         help="time nothing: list the oneDNN kernels (ISA, implementation) one "
                         "training step of each configuration runs (ONEDNN_VERBOSE=1)")
+    parser.add_argument("--op_profile", action="store_true",
+                        help="where the step's time goes: per op category (conv forward / "
+                        "backward, BN, ReLU, element-wise, optimizer), TensorFlow's profiler "
+                        "beside torch.profiler on the PyTorch reference, per method")
+    parser.add_argument("--profile_dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS + ABLATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -880,6 +1030,8 @@ def main(argv=None):
         run_onednn_probe()
     elif args.onednn_kernels:
         run_kernel_census(args)
+    elif args.op_profile:
+        run_op_profile(args)
     else:
         run_driver(args)
 

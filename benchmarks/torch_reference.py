@@ -31,7 +31,10 @@ Needs torch and numpy only, and runs in the benchmark's own virtual environment
 Usage: python benchmarks/torch_reference.py [--batch=64] [--steps=5] [--repeats=5]
            [--threads=N] [--methods=vanilla,kd,dml,sokd] [--self_check]
 Prints one JSON line: the checks, parameter counts and, per method, the median/min/max
-images/s over the kept timed windows with each window's CPU use.
+images/s over the kept timed windows with each window's CPU use. With `--profile` it
+times nothing and gives, per method, the self CPU time per op category of `--steps`
+steps under torch.profiler (what `step_throughput.py --op_profile` sets beside
+TensorFlow's profile).
 """
 
 from __future__ import annotations
@@ -392,6 +395,66 @@ def time_method(method: str, args) -> dict:
     }
 
 
+# The op categories of `step_throughput.py --op_profile` (its OP_CATEGORIES), as PyTorch's
+# ops fall into them; convolution_backward computes the data and weight gradients together.
+_TORCH_CATEGORIES = (
+    ("conv forward", ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution",
+                      "aten::conv2d", "aten::_convolution_mode", "aten::thnn_conv2d")),
+    ("conv backward (both)", ("aten::convolution_backward",)),
+    ("batch norm forward", ("aten::native_batch_norm", "aten::batch_norm",
+                            "aten::_batch_norm_impl_index", "aten::_native_batch_norm_legit")),
+    ("batch norm backward", ("aten::native_batch_norm_backward",)),
+    ("ReLU", ("aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_",
+              "aten::threshold_backward")),
+    ("element-wise", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub",
+                      "aten::sub_", "aten::div", "aten::div_", "aten::neg", "aten::pad",
+                      "aten::constant_pad_nd", "aten::slice", "aten::copy_", "aten::fill_",
+                      "aten::zero_")),
+)
+
+
+def torch_op_category(name: str, in_optimizer: bool) -> str:
+    """The op category of one profiled PyTorch op (its profiler name, e.g. aten::add_)."""
+    if in_optimizer:
+        return "optimizer update"
+    for category, names in _TORCH_CATEGORIES:
+        if name in names:
+            return category
+    return "other"
+
+
+def profile_method(method: str, args) -> dict:
+    """Per-category self CPU time (ms per step) of `method`'s step under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(args.seed)
+    roles = build_roles(method, args.num_classes)
+    step = make_step(method, roles, kd_teacher_bn=args.kd_teacher_bn,
+                     sokd_teacher_bn=args.sokd_teacher_bn)
+    images = torch.randn(args.batch, 3, 32, 32)
+    labels = torch.randint(0, args.num_classes, (args.batch,))
+    for _ in range(args.warmup):
+        step(images, labels)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        wall = time.perf_counter()
+        for _ in range(args.steps):
+            step(images, labels)
+        wall = time.perf_counter() - wall
+    totals: dict[str, float] = {}
+    for event in profiler.events():
+        parent, in_optimizer = event.cpu_parent, event.name.startswith("Optimizer.")
+        while parent is not None and not in_optimizer:
+            in_optimizer = parent.name.startswith("Optimizer.")
+            parent = parent.cpu_parent
+        if event.name.startswith("Optimizer.") or event.name.startswith("ProfilerStep"):
+            category = "optimizer update" if in_optimizer else "other"
+        else:
+            category = torch_op_category(event.name, in_optimizer)
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1000 / args.steps
+    return {"ms_per_step": {k: round(v, 2) for k, v in totals.items()},
+            "profiled_wall_ms_per_step": round(1000 * wall / args.steps, 1)}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -411,6 +474,9 @@ def parse_args(argv=None):
                         "many CPUs meanwhile (from /proc/stat)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--self_check", action="store_true", help="only run the checks")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile --steps steps per method: self CPU "
+                        "time per op category (step_throughput.py --op_profile reads it)")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -429,7 +495,9 @@ def main(argv=None):
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
     if capability is not None:
         result["cpu_capability"] = capability()
-    if not args.self_check:
+    if args.profile:
+        result["profiles"] = {method: profile_method(method, args) for method in args.methods}
+    elif not args.self_check:
         result["teacher_bn"] = {"kd": args.kd_teacher_bn, "sokd": args.sokd_teacher_bn}
         result["methods"] = {method: time_method(method, args) for method in args.methods}
     print(json.dumps(result), flush=True)

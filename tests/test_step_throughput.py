@@ -91,3 +91,41 @@ def test_rounds_pair_each_tensorflow_rate_with_its_own_rounds_pytorch_rate(step_
     assert combined[("vanilla", "stock")]["x_torch"] is None
     table = step_throughput._table(list(combined.values()), {"float32": 200.0, "bfloat16": None})
     assert "| 64 | vanilla | float32 | off | fused | 250.0 (200.0-310.0) | 1.00 (0.80-1.50) |" in table
+
+
+def test_op_categories_of_tensorflow_kernels(step_throughput):
+    category = step_throughput.tf_op_category
+    assert category("_MklNativeConv2D", "StatefulPartitionedCall/student_1/conv/Conv2D", "sgd") == "conv forward"
+    assert category("_MklNativeConv2DBackpropInput", "g/conv", "sgd") == "conv backward-data"
+    assert category("Conv2DBackpropFilter", "g/conv", "sgd") == "conv backward-weights"
+    assert category("DepthwiseConv2dNative", "s/dw", "sgd") == "conv forward"
+    assert category("_MklNativeFusedBatchNormEx", "s/bn", "sgd") == "batch norm forward"
+    assert category("_MklNativeFusedBatchNormGradV3", "g/bn", "sgd") == "batch norm backward"
+    assert category("ReluGrad", "g/relu", "sgd") == "ReLU"
+    assert category("AddV2", "StatefulPartitionedCall/student_1/group1_block1_add_1/Add", "sgd") == "element-wise"
+    assert category("_MklAddN", "StatefulPartitionedCall/AddN_3", "sgd") == "element-wise"
+    # The update's ops are found by the optimizer's scope, whatever their type.
+    assert category("Mul", "StatefulPartitionedCall/pytorch_sgd/Mul_161", "pytorch_sgd") == "optimizer update"
+    assert category("Mul", "StatefulPartitionedCall/pytorch_sgd_2/Mul", "pytorch_sgd") == "element-wise"
+    assert category("SparseSoftmaxCrossEntropyWithLogits", "s/loss", "sgd") == "other"
+    assert category("IDLE", "IDLE", "sgd") is None
+
+
+def test_op_profile_table_sums_and_compares_by_category(step_throughput):
+    categories = step_throughput.OP_CATEGORIES
+    tf_ms = dict.fromkeys(categories, 0.0)
+    del tf_ms["conv backward (both)"]
+    tf_ms.update({"conv forward": 60.0, "conv backward-data": 50.0, "conv backward-weights": 70.0,
+                  "ReLU": 4.0})
+    record = {"op_profile": {"ms_per_step": tf_ms, "profiled_wall_ms_per_step": 190.0}}
+    torch_profile = {"ms_per_step": {"conv forward": 80.0, "conv backward (both)": 100.0,
+                                     "ReLU": 8.0, "other": 12.0},
+                     "profiled_wall_ms_per_step": 205.0}
+    table = step_throughput.op_profile_table("vanilla", record, torch_profile)
+    assert "TensorFlow 190.0 ms, PyTorch 205.0 ms" in table
+    assert "| conv forward | 60.0 | 80.0 | 0.75 |" in table
+    assert "| conv backward-data | 50.0 | n/a | n/a |" in table
+    assert "| conv backward (both) | 120.0 | 100.0 | 1.20 |" in table
+    assert "| ReLU | 4.0 | 8.0 | 0.50 |" in table
+    assert "| all ops | 184.0 | 200.0 | 0.92 |" in table  # the combined row counted once
+    assert "| all ops | 184.0 | n/a | n/a |" in step_throughput.op_profile_table("vanilla", record, None)
