@@ -359,8 +359,8 @@ def machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def time_method(method: str, args) -> dict:
-    """Images/s of `method`'s step over timed windows on a quiet machine."""
+def warmed_up_step(method: str, args):
+    """`(roles, step, images, labels)` of `method`, after `--warmup` untimed steps."""
     torch.manual_seed(args.seed)
     roles = build_roles(method, args.num_classes)
     step = make_step(method, roles, kd_teacher_bn=args.kd_teacher_bn,
@@ -369,6 +369,12 @@ def time_method(method: str, args) -> dict:
     labels = torch.randint(0, args.num_classes, (args.batch,))
     for _ in range(args.warmup):
         step(images, labels)
+    return roles, step, images, labels
+
+
+def time_method(method: str, args) -> dict:
+    """Images/s of `method`'s step over timed windows on a quiet machine."""
+    roles, step, images, labels = warmed_up_step(method, args)
     threads = min(args.threads, os.cpu_count() or args.threads)
     rates, cpu_use, other_load = [], [], []
     for _ in range(3 * args.repeats):
@@ -427,14 +433,7 @@ def profile_method(method: str, args) -> dict:
     """Per-category self CPU time (ms per step) of `method`'s step under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(args.seed)
-    roles = build_roles(method, args.num_classes)
-    step = make_step(method, roles, kd_teacher_bn=args.kd_teacher_bn,
-                     sokd_teacher_bn=args.sokd_teacher_bn)
-    images = torch.randn(args.batch, 3, 32, 32)
-    labels = torch.randint(0, args.num_classes, (args.batch,))
-    for _ in range(args.warmup):
-        step(images, labels)
+    _, step, images, labels = warmed_up_step(method, args)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         wall = time.perf_counter()
         for _ in range(args.steps):
