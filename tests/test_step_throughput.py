@@ -93,22 +93,24 @@ def test_rounds_pair_each_tensorflow_rate_with_its_own_rounds_pytorch_rate(step_
     assert "| 64 | vanilla | float32 | off | fused | 250.0 (200.0-310.0) | 1.00 (0.80-1.50) |" in table
 
 
-def test_op_categories_of_tensorflow_kernels(step_throughput):
-    category = step_throughput.tf_op_category
-    assert category("_MklNativeConv2D", "StatefulPartitionedCall/student_1/conv/Conv2D", "sgd") == "conv forward"
-    assert category("_MklNativeConv2DBackpropInput", "g/conv", "sgd") == "conv backward-data"
-    assert category("Conv2DBackpropFilter", "g/conv", "sgd") == "conv backward-weights"
-    assert category("DepthwiseConv2dNative", "s/dw", "sgd") == "conv forward"
-    assert category("_MklNativeFusedBatchNormEx", "s/bn", "sgd") == "batch norm forward"
-    assert category("_MklNativeFusedBatchNormGradV3", "g/bn", "sgd") == "batch norm backward"
-    assert category("ReluGrad", "g/relu", "sgd") == "ReLU"
-    assert category("AddV2", "StatefulPartitionedCall/student_1/group1_block1_add_1/Add", "sgd") == "element-wise"
-    assert category("_MklAddN", "StatefulPartitionedCall/AddN_3", "sgd") == "element-wise"
+@pytest.mark.parametrize("op_type, op_name, expected", [
+    ("_MklNativeConv2D", "StatefulPartitionedCall/student_1/conv/Conv2D", "conv forward"),
+    ("_MklNativeConv2DBackpropInput", "g/conv", "conv backward-data"),
+    ("Conv2DBackpropFilter", "g/conv", "conv backward-weights"),
+    ("DepthwiseConv2dNative", "s/dw", "conv forward"),
+    ("_MklNativeFusedBatchNormEx", "s/bn", "batch norm forward"),
+    ("_MklNativeFusedBatchNormGradV3", "g/bn", "batch norm backward"),
+    ("ReluGrad", "g/relu", "ReLU"),
+    ("AddV2", "StatefulPartitionedCall/student_1/group1_block1_add_1/Add", "element-wise"),
+    ("_MklAddN", "StatefulPartitionedCall/AddN_3", "element-wise"),
     # The update's ops are found by the optimizer's scope, whatever their type.
-    assert category("Mul", "StatefulPartitionedCall/pytorch_sgd/Mul_161", "pytorch_sgd") == "optimizer update"
-    assert category("Mul", "StatefulPartitionedCall/pytorch_sgd_2/Mul", "pytorch_sgd") == "element-wise"
-    assert category("SparseSoftmaxCrossEntropyWithLogits", "s/loss", "sgd") == "other"
-    assert category("IDLE", "IDLE", "sgd") is None
+    ("Mul", "StatefulPartitionedCall/pytorch_sgd/Mul_161", "optimizer update"),
+    ("Mul", "StatefulPartitionedCall/pytorch_sgd_2/Mul", "element-wise"),
+    ("SparseSoftmaxCrossEntropyWithLogits", "s/loss", "other"),
+    ("IDLE", "IDLE", None),
+])
+def test_op_categories_of_tensorflow_kernels(step_throughput, op_type, op_name, expected):
+    assert step_throughput.tf_op_category(op_type, op_name, "pytorch_sgd") == expected
 
 
 def test_op_profile_table_sums_and_compares_by_category(step_throughput):
