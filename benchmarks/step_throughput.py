@@ -333,6 +333,10 @@ OP_CATEGORIES = ("conv forward", "conv backward-data", "conv backward-weights",
                  "element-wise", "optimizer update", "other")
 
 
+_ELEMENT_WISE_OPS = ("addv2", "addn", "add", "mul", "sub", "realdiv", "pad", "slice", "tile",
+                     "square", "neg", "biasadd", "biasaddgrad")
+
+
 def tf_op_category(op_type: str, op_name: str, optimizer_name: str) -> str | None:
     """The `OP_CATEGORIES` entry of one TensorFlow op (None for the profiler's IDLE).
 
@@ -354,9 +358,7 @@ def tf_op_category(op_type: str, op_name: str, optimizer_name: str) -> str | Non
         return "batch norm backward" if "grad" in kind else "batch norm forward"
     if "relu" in kind:
         return "ReLU"
-    if kind.removeprefix("_mklnative").removeprefix("_mkl") in ("addv2", "addn", "add", "mul", "sub", "realdiv",
-                                                 "pad", "slice", "tile", "square", "neg",
-                                                 "biasadd", "biasaddgrad"):
+    if kind.removeprefix("_mklnative").removeprefix("_mkl") in _ELEMENT_WISE_OPS:
         return "element-wise"
     return "other"
 
