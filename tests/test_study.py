@@ -123,3 +123,29 @@ def test_study_end_to_end_on_a_tiny_budget(small_fashion_mnist, tmp_path):
     row = (f"| sokd | sokd | 0,1 | {tables._cell([12.5, seed1['best_top1']])} | "
            f"{tables._cell([12.5, seed1['last_top1']])} |")
     assert row in _read_text(os.path.join(root, "results.md"))
+
+
+def test_verdict_judges_differences_against_the_seed_spread():
+    # Hand values: SOKD 91, 92 (mean 91.5, std 0.71); KD 90, 90.2 (90.1, std 0.14):
+    # +1.40 > 0.71. DML 91, 91.4 (91.2, std 0.28): +0.30 < 0.71.
+    assert tables.compare([91.0, 92.0], [90.0, 90.2])[0] == pytest.approx(1.4)
+    assert tables.compare([91.0, 92.0], [90.0, 90.2])[1] == "larger than the seed-to-seed spread (0.71)"
+    assert tables.compare([91.0, 92.0], [91.0, 91.4])[1].startswith("within the seed-to-seed spread (0.71)")
+    assert "one seed" in tables.compare([91.0], [90.0])[1]
+    runs = []
+    for variant, method, values in (("kd", "kd", (90.0, 90.2)), ("sokd", "sokd", (91.0, 92.0)),
+                                    ("sokd_T8", "sokd", (91.4,))):
+        runs += [{"variant": variant, "method": method, "seed": s, "wall_s": 1.0,
+                  "student": {"best_top1": v, "last_top1": v}} for s, v in enumerate(values)]
+    results = {"study": "toy", "description": "", "command": "c",
+               "machine": {"cpu": "cpu", "isa": [], "cores": 2}, "runs": runs}
+    text = tables.markdown(results)
+    assert ("- SOKD's student beats KD's by +1.40 pt (last epoch, mean 91.50 vs 90.10), larger "
+            "than the seed-to-seed spread (0.71).") in text
+    results["runs"][0]["student"]["last_top1"] = 90.8  # KD 90.8, 91.2: mean 91.0, +0.50 < 0.71
+    results["runs"][1]["student"]["last_top1"] = 91.2
+    assert ("- SOKD's student is above KD's by +0.50 pt (last epoch, mean 91.50 vs 91.00), within "
+            "the seed-to-seed spread (0.71): noise, not a ranking.") in tables.markdown(results)
+    assert "- sokd_T8 vs sokd: -0.10 pt (last epoch), one seed, so no seed-to-seed spread" in text
+    assert "| kd | kd | 0,1 | 90.10 ± 0.14 | 90.10 ± 0.14 | -1.40 |" in text
+    assert "| sokd | sokd | 0,1 | 91.50 ± 0.71 | 91.50 ± 0.71 | – |" in text

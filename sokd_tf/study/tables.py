@@ -72,15 +72,20 @@ def markdown(results: dict) -> str:
         "Student test top-1 (%), mean ± std over seeds. *best* = the best epoch's test "
         "top-1 (best on test, as the paper reports), *last* = the final epoch's.",
         "",
-        "| variant | method | seeds | student best | student last | teacher BN | wall time per run (s) |",
-        "|---|---|---|---:|---:|---|---:|",
+        f"| variant | method | seeds | student best | student last | last − {BASELINE} | "
+        "teacher BN | wall time per run (s) |",
+        "|---|---|---|---:|---:|---:|---|---:|",
     ]
+    baseline = {row["variant"]: _mean_std(row["last"])[0] for row in rows}.get(BASELINE)
     for row in rows:
         mean_wall, _, _ = _mean_std(row["wall_s"])
+        mean_last = _mean_std(row["last"])[0]
+        delta = ("–" if baseline is None or mean_last is None or row["variant"] == BASELINE
+                 else f"{mean_last - baseline:+.2f}")
         lines.append(
             f"| {row['variant']} | {row['method']} | {','.join(map(str, row['seeds']))} | "
-            f"{_cell(row['best'])} | {_cell(row['last'])} | {row['teacher_bn_mode'] or '–'} | "
-            f"{'–' if mean_wall is None else f'{mean_wall:.0f}'} |"
+            f"{_cell(row['best'])} | {_cell(row['last'])} | {delta} | "
+            f"{row['teacher_bn_mode'] or '–'} | {'–' if mean_wall is None else f'{mean_wall:.0f}'} |"
         )
     peer_rows = [row for row in rows if any(v is not None for v in row["peer_path"])]
     if peer_rows:
@@ -114,17 +119,56 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The variant every other one is compared with (the table's difference column, the verdict).
+BASELINE = "sokd"
+
+
+def compare(mine: list, theirs: list) -> tuple[float, str]:
+    """`(difference of the means, how it stands against the seed-to-seed spread)`.
+
+    The spread is the larger of the two samples' standard deviations; a difference within
+    it is noise, not a ranking. With fewer than two seeds on either side there is no
+    spread to compare with, and the text says so.
+    """
+    mean_mine, std_mine, n_mine = _mean_std(mine)
+    mean_theirs, std_theirs, n_theirs = _mean_std(theirs)
+    difference = mean_mine - mean_theirs
+    if min(n_mine, n_theirs) < 2:
+        return difference, "one seed, so no seed-to-seed spread to judge it by"
+    spread = max(std_mine, std_theirs)
+    if abs(difference) <= spread:
+        return difference, (f"within the seed-to-seed spread ({spread:.2f}): noise, not a "
+                            "ranking")
+    return difference, f"larger than the seed-to-seed spread ({spread:.2f})"
+
+
 def _verdict(rows) -> list[str]:
-    """Plain statements of the ranking as measured (means of last-epoch top-1)."""
-    means = {row["variant"]: _mean_std(row["last"])[0] for row in rows}
+    """Plain statements of the ranking as measured (last-epoch top-1), judged against the
+    seeds' own spread."""
+    by_variant = {row["variant"]: row for row in rows}
     lines = []
-    sokd = means.get("sokd")
-    if sokd is not None:
+    mine = by_variant.get(BASELINE)
+    if mine is not None and _mean_std(mine["last"])[0] is not None:
         for other in ("kd", "dml", "vanilla"):
-            if means.get(other) is not None:
-                relation = "beats" if sokd > means[other] else "does not beat"
-                lines.append(f"- SOKD's student {relation} {other.upper() if other != 'vanilla' else 'vanilla'}'s "
-                             f"(last epoch, mean {sokd:.2f} vs {means[other]:.2f}).")
+            theirs = by_variant.get(other)
+            if theirs is None or _mean_std(theirs["last"])[0] is None:
+                continue
+            difference, judged = compare(mine["last"], theirs["last"])
+            name = other.upper() if other != "vanilla" else "vanilla"
+            if judged.startswith("larger"):
+                relation = f"beats {name}'s" if difference > 0 else f"trails {name}'s"
+            else:
+                relation = f"is {'above' if difference > 0 else 'below'} {name}'s"
+            lines.append(
+                f"- SOKD's student {relation} by {difference:+.2f} pt (last epoch, mean "
+                f"{_mean_std(mine['last'])[0]:.2f} vs {_mean_std(theirs['last'])[0]:.2f}), "
+                f"{judged}.")
+        for row in rows:
+            if row["variant"] == BASELINE or row["method"] != "sokd":
+                continue
+            difference, judged = compare(row["last"], mine["last"])
+            lines.append(f"- {row['variant']} vs {BASELINE}: {difference:+.2f} pt (last epoch), "
+                         f"{judged}.")
     for row in rows:
         peer, control = _mean_std(row["peer_path"])[0], _mean_std(row["teacher_equal_budget"])[0]
         teacher = _mean_std(row["teacher"])[0]
