@@ -5,13 +5,17 @@
 
 Rerun the same command to continue: finished runs are skipped, an interrupted run
 resumes from its last completed epoch. Writes ROOT/results.json, results.md, plots/.
+`--report_only` writes them from the runs finished so far and trains nothing (safe while
+the study itself runs in another process).
 """
 
+import os
 import sys
 
 from absl import flags
 
 from pipelines import common
+from sokd_tf.errors import ConfigError
 from sokd_tf.study import definitions, runner
 
 flags.DEFINE_enum("study", "fashion_mnist", list(definitions.STUDIES), "The study to run.")
@@ -21,6 +25,9 @@ flags.DEFINE_list("variants", None, "Variants to run (default: all of the study'
 flags.DEFINE_list(
     "set", [], "Extra dotted config overrides for every run, e.g. train.steps_per_epoch=5."
 )
+flags.DEFINE_bool("report_only", False,
+                  "Write results.json, results.md and plots from the runs finished so far; "
+                  "train nothing.")
 
 
 def _parse_value(text: str):
@@ -40,11 +47,18 @@ def body(argv):
         extra[key] = _parse_value(value)
     study = definitions.get_study(FLAGS.study)
     seeds = [int(seed) for seed in FLAGS.seeds] if FLAGS.seeds else None
-    results = runner.StudyRunner(
+    # results.json names the command that trains the study, not a report-only call.
+    command = [arg for arg in argv[1:] if arg not in ("--report_only", "--report_only=true")]
+    study_runner = runner.StudyRunner(
         study, FLAGS.root, seeds=seeds, variants=FLAGS.variants, extra=extra,
-        command=" ".join(["python -m pipelines.reproduce", *argv[1:]]),
-    ).run()
-    print(f"{len(results['runs'])} runs done; table: {FLAGS.root}/results.md")
+        command=" ".join(["python -m pipelines.reproduce", *command]),
+    )
+    if FLAGS.report_only and not os.path.isdir(FLAGS.root):
+        raise ConfigError(f"--root {FLAGS.root}: no such directory, so no finished runs to "
+                          "report; run the study first (the same command without --report_only)")
+    results = study_runner.write() if FLAGS.report_only else study_runner.run()
+    pending = f", {len(results['pending'])} pending" if results["pending"] else ""
+    print(f"{len(results['runs'])} runs done{pending}; table: {FLAGS.root}/results.md")
 
 
 def main(argv=None):

@@ -2,11 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from sokd_tf.errors import ConfigError
 from sokd_tf.study import definitions, runner, tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_fashion_mnist_study_is_the_documented_budget():
@@ -149,3 +153,29 @@ def test_verdict_judges_differences_against_the_seed_spread():
     assert "- sokd_T8 vs sokd: -0.10 pt (last epoch), one seed, so no seed-to-seed spread" in text
     assert "| kd | kd | 0,1 | 90.10 ± 0.14 | 90.10 ± 0.14 | -1.40 |" in text
     assert "| sokd | sokd | 0,1 | 91.50 ± 0.71 | 91.50 ± 0.71 | – |" in text
+
+
+def test_report_only_writes_the_table_from_finished_runs_and_trains_nothing(tmp_path):
+    root = tmp_path / "study"
+    study = definitions.get_study("fashion_mnist")
+    run_dir = runner.StudyRunner(study, str(root), log=lambda line: None).run_dir(
+        study.variant("kd"), 0)
+    os.makedirs(run_dir)
+    record = {"variant": "kd", "method": "kd", "seed": 0, "wall_s": 3.0, "workdir": "runs/kd/seed0",
+              "student": {"best_top1": 90.5, "last_top1": 90.25}, "teacher": {"top1": 91.0}}
+    with open(os.path.join(run_dir, runner.RUN_RECORD), "w") as f:
+        json.dump(record, f)
+    command = [sys.executable, "-m", "pipelines.reproduce", "--study=fashion_mnist",
+               f"--root={root}", "--report_only"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 runs done, 14 pending" in result.stdout
+    assert "| kd | kd | 0 | 90.50 | 90.25 |" in _read_text(root / "results.md")
+    results = _read_json(root / "results.json")
+    assert "--report_only" not in results["command"] and "kd/seed0" not in results["pending"]
+    assert sorted(os.listdir(root)) == ["plots", "results.json", "results.md", "runs"]  # no teacher trained
+
+    missing = subprocess.run(command[:-2] + [f"--root={tmp_path / 'nothing'}", "--report_only"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: --root ")
