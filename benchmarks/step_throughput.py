@@ -1016,6 +1016,12 @@ def parse_args(argv=None):
     unknown = sorted(set(args.precisions.split(",")) - set(PRECISIONS))
     if unknown:
         parser.error(f"unknown --precisions {unknown}; choose from {list(PRECISIONS)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.op_profile and (len(args.batch) > 1 or "," in args.precisions
+                            or "," in args.batch_norm):
+        parser.error("--op_profile profiles one configuration per method: give one --batch, "
+                     "one --precisions and one --batch_norm")
     return args
 
 

@@ -39,6 +39,12 @@ def test_default_pair_and_spec_errors(step_throughput, capsys):
     with pytest.raises(SystemExit):
         step_throughput.parse_args(["--student=resnet_9000"])
     assert "--student: unknown model spec 'resnet_9000'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_throughput.parse_args(["--rounds=0"])
+    assert "--rounds must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_throughput.parse_args(["--op_profile"])  # default precisions: two of them
+    assert "--op_profile profiles one configuration per method" in capsys.readouterr().err
 
 
 def test_one_timed_kd_step_for_a_zoo_pair(step_throughput):
