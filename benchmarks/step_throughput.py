@@ -661,7 +661,7 @@ def _cpu_line(machine: dict, onednn_isa: str | None) -> str:
              "AMX-BF16": "amx_bf16", "VNNI": "avx512_vnni"}
     described = ", ".join(f"{name} {'yes' if machine[key] else 'no'}" for name, key in flags.items())
     gpu = "GPU yes" if machine["gpu"] else "no GPU"
-    return (f"CPU: {machine['model_name']}; {described} (as the library's auto choices see "
+    return (f"CPU: {machine.get('cpu_name', machine['model_name'])}; {described} (as the library's auto choices see "
             f"them); class {machine['cpu_class']}; {gpu}; oneDNN ISA in TensorFlow: "
             f"{onednn_isa or 'not reported'}")
 

@@ -23,9 +23,11 @@ _COMMON_FLAGS = (
 )
 
 
-def _cpuinfo(model_name: str, extra_flags: str, processors: int = 2) -> str:
+def _cpuinfo(model_name: str, extra_flags: str, family: int, model: int,
+             processors: int = 2) -> str:
     block = (
-        "processor\t: {n}\nvendor_id\t: whatever\ncpu family\t: 25\nmodel\t\t: 1\n"
+        "processor\t: {n}\nvendor_id\t: whatever\n"
+        f"cpu family\t: {family}\nmodel\t\t: {model}\n"
         f"model name\t: {model_name}\nstepping\t: 1\ncpu MHz\t\t: 2450.000\n"
         f"flags\t\t: {_COMMON_FLAGS} {extra_flags}\nbogomips\t: 4900.00\n\n"
     )
@@ -33,21 +35,22 @@ def _cpuinfo(model_name: str, extra_flags: str, processors: int = 2) -> str:
 
 
 # AVX2/FMA, no AVX-512, no BF16: the machine of issue #17.
-ZEN3 = _cpuinfo("AMD EPYC 7B13", "avx2 bmi1 bmi2 sha_ni clzero xsaveopt vaes vpclmulqdq")
+ZEN3 = _cpuinfo("AMD EPYC 7B13", "avx2 bmi1 bmi2 sha_ni clzero xsaveopt vaes vpclmulqdq", 25, 1)
 # AVX-512 with AVX512-BF16 and VNNI: the machine of benchmarks/RESULTS.md.
 ZEN4 = _cpuinfo(
     "AMD EPYC 9B14",
     "avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512vbmi avx512_vnni "
-    "avx512_bitalg avx512_vpopcntdq",
+    "avx512_bitalg avx512_vpopcntdq", 25, 17,
 )
 # Intel Sapphire Rapids: AVX512-BF16 and the AMX tiles.
 SAPPHIRE_RAPIDS = _cpuinfo(
     "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz",
     "avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni avx_vnni "
-    "avx512_fp16 amx_bf16 amx_tile amx_int8",
+    "avx512_fp16 amx_bf16 amx_tile amx_int8", 6, 143,
 )
 # AVX-512 without BF16 (Skylake-SP).
-SKYLAKE = _cpuinfo("Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz", "avx2 avx512f avx512dq avx512bw")
+SKYLAKE = _cpuinfo("Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz", "avx2 avx512f avx512dq avx512bw",
+                   6, 85)
 # An ARM server: a `Features` line without any x86 instruction set.
 GRAVITON = (
     "processor\t: 0\nBogoMIPS\t: 2100.00\n"
@@ -104,8 +107,17 @@ def test_gpus_decide_bfloat16_when_present():
 def test_describe_names_the_model_and_every_flag():
     line = _machine(ZEN3).describe()
     assert line == (
-        "AMD EPYC 7B13; AVX2 yes, AVX-512F no, AVX512-BF16 no, AMX-BF16 no, VNNI no; GPU none"
+        "AMD EPYC 7B13 (family 25, model 1); AVX2 yes, AVX-512F no, AVX512-BF16 no, AMX-BF16 no, "
+        "VNNI no; GPU none"
     )
+    # The family and model tell generations apart where a VM shows only "AMD EPYC".
+    zen5 = _machine(ZEN4.replace("AMD EPYC 9B14", "AMD EPYC").replace("family\t: 25", "family\t: 26")
+                    .replace("model\t\t: 17", "model\t\t: 2"))
+    assert (zen5.model_name, zen5.cpu_family, zen5.cpu_model) == ("AMD EPYC", 26, 2)
+    assert zen5.cpu_name == "AMD EPYC (family 26, model 2)"
+    assert zen5.to_dict()["cpu_name"] == "AMD EPYC (family 26, model 2)"
+    graviton = _machine(GRAVITON)
+    assert graviton.cpu_family is None and graviton.cpu_name == graviton.model_name
     assert _machine(ZEN4).to_dict()["cpu_class"] == "avx512_bf16"
 
 
@@ -113,15 +125,15 @@ def test_describe_names_the_model_and_every_flag():
     "text, gpus, strategy, policy, message",
     [
         (ZEN3, (), "default", "float32",
-         "precision auto -> float32 (CPU: AMD EPYC 7B13, no AVX512-BF16)"),
+         "precision auto -> float32 (CPU: AMD EPYC 7B13 (family 25, model 1), no AVX512-BF16)"),
         (SKYLAKE, (), "default", "float32",
-         "precision auto -> float32 (CPU: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz, no AVX512-BF16)"),
+         "precision auto -> float32 (CPU: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz (family 6, model 85), no AVX512-BF16)"),
         (GRAVITON, (), "default", "float32",
          "precision auto -> float32 (CPU: unknown, no AVX512-BF16)"),
         (ZEN4, (), "default", "mixed_bfloat16",
-         "precision auto -> mixed_bfloat16 (CPU: AMD EPYC 9B14, AVX512-BF16)"),
+         "precision auto -> mixed_bfloat16 (CPU: AMD EPYC 9B14 (family 25, model 17), AVX512-BF16)"),
         (SAPPHIRE_RAPIDS, (), "default", "mixed_bfloat16",
-         "precision auto -> mixed_bfloat16 (CPU: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, AMX-BF16)"),
+         "precision auto -> mixed_bfloat16 (CPU: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (family 6, model 143), AMX-BF16)"),
         (ZEN3, ((8, 0),), "mirrored", "mixed_bfloat16",
          "precision auto -> mixed_bfloat16 (GPU: native bfloat16)"),
         (ZEN4, ((7, 5),), "default", "float32",
@@ -139,7 +151,7 @@ def test_explicit_bfloat16_without_native_support_warns_with_the_reported_slowdo
     choice = cpu.resolve_precision("mixed_bfloat16", _machine(ZEN3))
     assert choice.policy == "mixed_bfloat16" and choice.warning
     assert choice.message == (
-        "warning: precision mixed_bfloat16 without native bfloat16 (CPU: AMD EPYC 7B13, "
+        "warning: precision mixed_bfloat16 without native bfloat16 (CPU: AMD EPYC 7B13 (family 25, model 1), "
         "no AVX512-BF16): issue #17 reports training steps 5-6x slower than float32 on an "
         "AVX2-only AMD Zen 3; use --precision=auto or float32"
     )
@@ -211,14 +223,14 @@ def test_setup_runtime_resolves_sets_and_prints_once(fresh_console, capsys):
     assert record["machine"]["model_name"] == "AMD EPYC 9B14"
     assert strategy is not None
     out, err = capsys.readouterr()
-    assert out.splitlines() == ["precision auto -> mixed_bfloat16 (CPU: AMD EPYC 9B14, AVX512-BF16)"]
+    assert out.splitlines() == ["precision auto -> mixed_bfloat16 (CPU: AMD EPYC 9B14 (family 25, model 17), AVX512-BF16)"]
     assert err == ""
 
     _, choices = fit.setup_runtime(_config("auto", "stock"), machine=_machine(ZEN3))
     assert keras.config.dtype_policy().name == "float32"
     assert (choices.precision, choices.batch_norm) == ("float32", "stock")
     assert capsys.readouterr().out.strip() == (
-        "precision auto -> float32 (CPU: AMD EPYC 7B13, no AVX512-BF16)")
+        "precision auto -> float32 (CPU: AMD EPYC 7B13 (family 25, model 1), no AVX512-BF16)")
 
 
 def test_setup_runtime_warns_on_stderr_for_emulated_bfloat16(fresh_console, capsys):
@@ -247,7 +259,7 @@ def test_depthwise_models_keep_auto_in_float32_on_bf16_cpus_only():
 
     choice = cpu.resolve_precision("auto", _machine(ZEN4), bf16_slow_models=slow)
     assert (choice.policy, choice.message) == ("float32", (
-        "precision auto -> float32 (CPU: AMD EPYC 9B14, AVX512-BF16, but student "
+        "precision auto -> float32 (CPU: AMD EPYC 9B14 (family 25, model 17), AVX512-BF16, but student "
         "'mobilenetv2' has DepthwiseConv2D: slower in bfloat16 than in float32 on CPUs)"))
     # A GPU or TPU trains them in bfloat16; no slow layers, or an explicit choice, as before.
     assert cpu.resolve_precision("auto", _machine(ZEN4, [(8, 0)]), bf16_slow_models=slow).policy == "mixed_bfloat16"

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from sokd_tf.errors import ConfigError
+from sokd_tf.runtime import cpu
 from sokd_tf.study import definitions, runner, tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,8 @@ def test_study_end_to_end_on_a_tiny_budget(small_fashion_mnist, tmp_path):
     assert sorted(results["teachers"]) == ["seed0", "seed0_equal_budget"]
     assert results["teachers"]["seed0_equal_budget"]["epochs"] == 3
     sokd = results["runs"][2]
-    assert {"student", "teacher", "teacher_equal_budget", "peer_path", "wall_s"} <= set(sokd)
+    assert {"student", "teacher", "teacher_equal_budget", "peer_path", "wall_s", "cpu"} <= set(sokd)
+    assert sokd["cpu"] == cpu.detect().cpu_name and results["teachers"]["seed0"]["cpu"]
     # The numbers are the runs' own: the distill stage's last-epoch test top-1, in percent.
     distill_results = _read_json(os.path.join(root, sokd["workdir"], "distill", "results.json"))
     assert sokd["student"]["last_top1"] == round(100 * distill_results["roles"]["student"]["last_test_top1"], 2)
@@ -171,6 +173,8 @@ def test_report_only_writes_the_table_from_finished_runs_and_trains_nothing(tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 runs done, 14 pending" in result.stdout
     assert "| kd | kd | 0 | 90.50 | 90.25 |" in _read_text(root / "results.md")
+    assert "| kd | 0 | 90.5 | 90.25 | None | 91.0 | 3.0 | False | not recorded |" in _read_text(
+        root / "results.md")  # a record made before runs named their CPU
     results = _read_json(root / "results.json")
     assert "--report_only" not in results["command"] and "kd/seed0" not in results["pending"]
     assert sorted(os.listdir(root)) == ["plots", "results.json", "results.md", "runs"]  # no teacher trained

@@ -55,6 +55,9 @@ class MachineFeatures:
 
     Attributes:
       model_name: the CPU's model name ("unknown" when the cpuinfo text has none).
+      cpu_family, cpu_model: x86's "cpu family" and "model" numbers (None elsewhere). A
+        virtual machine often shows only "AMD EPYC" as the name; these tell the
+        generations apart (AMD family 25 = Zen 3 / Zen 4, 26 = Zen 5).
       avx2: AVX2 (with FMA on every CPU that has it).
       avx512f: AVX-512 Foundation.
       avx512_bf16: AVX512-BF16 (bfloat16 dot products: Cooper Lake, Sapphire Rapids,
@@ -68,6 +71,8 @@ class MachineFeatures:
     """
 
     model_name: str = "unknown"
+    cpu_family: int | None = None
+    cpu_model: int | None = None
     avx2: bool = False
     avx512f: bool = False
     avx512_bf16: bool = False
@@ -96,6 +101,15 @@ class MachineFeatures:
             return "avx2"
         return "other"
 
+    @property
+    def cpu_name(self) -> str:
+        """The model name with x86's family and model numbers when known:
+        "AMD EPYC (family 26, model 2)"."""
+        if self.cpu_family is None:
+            return self.model_name
+        model = "" if self.cpu_model is None else f", model {self.cpu_model}"
+        return f"{self.model_name} (family {self.cpu_family}{model})"
+
     def isa_flags(self) -> dict[str, bool]:
         """The flags as printed by the benchmarks: {"AVX2": True, "AVX-512F": ...}."""
         return {
@@ -110,12 +124,12 @@ class MachineFeatures:
         """One line: model name, ISA flags and (unless `with_gpu=False`) GPUs."""
         flags = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in self.isa_flags().items())
         if not with_gpu:
-            return f"{self.model_name}; {flags}"
+            return f"{self.cpu_name}; {flags}"
         gpu = "none" if not self.gpu else ("bf16-native" if self.gpu_bf16 else "no native bf16")
-        return f"{self.model_name}; {flags}; GPU {gpu}"
+        return f"{self.cpu_name}; {flags}; GPU {gpu}"
 
     def to_dict(self) -> dict:
-        return dict(dataclasses.asdict(self), cpu_class=self.cpu_class)
+        return dict(dataclasses.asdict(self), cpu_class=self.cpu_class, cpu_name=self.cpu_name)
 
 
 def parse_cpuinfo(text: str) -> MachineFeatures:
@@ -125,16 +139,20 @@ def parse_cpuinfo(text: str) -> MachineFeatures:
     `avx512_bf16`, `amx_bf16`, `avx512_vnni`, `avx_vnni`); other architectures have a
     `Features` line without any of them, which gives the "other" CPU class.
     """
-    model_name, flags = "unknown", set()
+    model_name, flags, numbers = "unknown", set(), {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
         if key == "model name" and model_name == "unknown":
             model_name = " ".join(value.split()) or "unknown"
+        elif key in ("cpu family", "model") and key not in numbers and value.strip().isdigit():
+            numbers[key] = int(value)
         elif key in ("flags", "features") and not flags:
             flags = set(value.split())
     return MachineFeatures(
         model_name=model_name,
+        cpu_family=numbers.get("cpu family"),
+        cpu_model=numbers.get("model"),
         avx2="avx2" in flags,
         avx512f="avx512f" in flags,
         avx512_bf16="avx512_bf16" in flags,
@@ -237,10 +255,10 @@ class PrecisionChoice:
 
 def _cpu_words(features: MachineFeatures) -> str:
     if features.amx_bf16:
-        return f"CPU: {features.model_name}, AMX-BF16"
+        return f"CPU: {features.cpu_name}, AMX-BF16"
     if features.avx512_bf16:
-        return f"CPU: {features.model_name}, AVX512-BF16"
-    return f"CPU: {features.model_name}, no AVX512-BF16"
+        return f"CPU: {features.cpu_name}, AVX512-BF16"
+    return f"CPU: {features.cpu_name}, no AVX512-BF16"
 
 
 def _device_words(features: MachineFeatures, strategy: str) -> str:

@@ -120,7 +120,7 @@ def write_report(workdir: str) -> str:
         machine = runtime.get("machine", {})
         lines += [
             f"Precision **{runtime['precision_used']}** (requested `{requested}`), BatchNorm "
-            f"`{runtime.get('batch_norm_used')}`, CPU {machine.get('model_name', '?')} "
+            f"`{runtime.get('batch_norm_used')}`, CPU {machine.get('cpu_name', machine.get('model_name', '?'))} "
             f"(class `{machine.get('cpu_class', '?')}`).",
             "",
         ]

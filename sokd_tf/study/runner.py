@@ -71,7 +71,7 @@ def machine() -> dict:
     """The CPU the study ran on (model name and the ISA flags that matter for speed)."""
     features = cpu.detect()
     return {
-        "cpu": features.model_name,
+        "cpu": features.cpu_name,
         "isa": [name for name, present in features.isa_flags().items() if present],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -130,6 +130,7 @@ class StudyRunner:
             "top1": _percent(results["roles"]["teacher"]["last_test_top1"]),
             "epochs": config.train.teacher_epochs,
             "wall_s": round(time.perf_counter() - start, 1),
+            "cpu": cpu.detect().cpu_name,
             "checkpoint": results["checkpoint"],
         }
         workdir_lib.write_json(record_path, record)
@@ -182,6 +183,8 @@ class StudyRunner:
             "teacher_bn_mode": results.get("teacher_bn_mode"),
             "epochs": config.train.epochs,
             "wall_s": round(wall, 1),
+            # The CPU that finished the run (a resumed run may have started on another).
+            "cpu": cpu.detect().cpu_name,
             "resumed": resumed,
             "workdir": os.path.relpath(directory, self.root),
         }

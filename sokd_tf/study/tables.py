@@ -66,8 +66,9 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{results.get('command', '')}`",
         "",
-        f"Machine: {results['machine']['cpu']} ({', '.join(results['machine']['isa']) or 'no AVX2'}), "
-        f"{results['machine']['cores']} cores.",
+        f"Machine this report was written on: {results['machine']['cpu']} "
+        f"({', '.join(results['machine']['isa']) or 'no AVX2'}), {results['machine']['cores']} "
+        "cores; each run's own CPU is in the Runs table.",
         "",
         "Student test top-1 (%), mean ± std over seeds. *best* = the best epoch's test "
         "top-1 (best on test, as the paper reports), *last* = the final epoch's.",
@@ -108,13 +109,15 @@ def markdown(results: dict) -> str:
     lines += _verdict(rows)
     if results.get("pending"):
         lines += ["", f"Not finished yet: {', '.join(results['pending'])}."]
-    lines += ["", "## Runs", "", "| variant | seed | best | last | best epoch | teacher | wall (s) | resumed |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "## Runs", "",
+              "| variant | seed | best | last | best epoch | teacher | wall (s) | resumed | CPU |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for run in results["runs"]:
         lines.append(
             f"| {run['variant']} | {run['seed']} | {run['student']['best_top1']} | "
             f"{run['student']['last_top1']} | {run['student'].get('best_epoch')} | "
-            f"{run.get('teacher', {}).get('top1', '–')} | {run['wall_s']} | {run.get('resumed', False)} |"
+            f"{run.get('teacher', {}).get('top1', '–')} | {run['wall_s']} | {run.get('resumed', False)} | "
+            f"{run.get('cpu', 'not recorded')} |"
         )
     return "\n".join(lines) + "\n"
 
