@@ -746,7 +746,7 @@ def run_op_profile(args) -> None:
     out = []
     for method in args.methods.split(","):
         with tempfile.TemporaryDirectory() as directory:
-            profile_args = argparse.Namespace(**vars(args), )
+            profile_args = argparse.Namespace(**vars(args))
             profile_args.profile_dir = directory
             profile_args.max_other_load = 1e9  # the timing here is the profiler's
             record = _run_child(
