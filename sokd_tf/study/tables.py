@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from typing import NamedTuple
 
 from sokd_tf.stages import workdir as workdir_lib
 
@@ -126,8 +127,16 @@ def markdown(results: dict) -> str:
 BASELINE = "sokd"
 
 
-def compare(mine: list, theirs: list) -> tuple[float, str]:
-    """`(difference of the means, how it stands against the seed-to-seed spread)`.
+class Comparison(NamedTuple):
+    """Two samples' difference of means and how it stands against their spread."""
+
+    difference: float
+    judged: str
+    beyond_spread: bool  # the difference exceeds the seed-to-seed spread (a ranking)
+
+
+def compare(mine: list, theirs: list) -> Comparison:
+    """`mine`'s mean minus `theirs`', judged against the seed-to-seed spread.
 
     The spread is the larger of the two samples' standard deviations; a difference within
     it is noise, not a ranking. With fewer than two seeds on either side there is no
@@ -137,12 +146,12 @@ def compare(mine: list, theirs: list) -> tuple[float, str]:
     mean_theirs, std_theirs, n_theirs = _mean_std(theirs)
     difference = mean_mine - mean_theirs
     if min(n_mine, n_theirs) < 2:
-        return difference, "one seed, so no seed-to-seed spread to judge it by"
+        return Comparison(difference, "one seed, so no seed-to-seed spread to judge it by", False)
     spread = max(std_mine, std_theirs)
     if abs(difference) <= spread:
-        return difference, (f"within the seed-to-seed spread ({spread:.2f}): noise, not a "
-                            "ranking")
-    return difference, f"larger than the seed-to-seed spread ({spread:.2f})"
+        return Comparison(difference, f"within the seed-to-seed spread ({spread:.2f}): noise, "
+                          "not a ranking", False)
+    return Comparison(difference, f"larger than the seed-to-seed spread ({spread:.2f})", True)
 
 
 def _verdict(rows) -> list[str]:
@@ -156,9 +165,9 @@ def _verdict(rows) -> list[str]:
             theirs = by_variant.get(other)
             if theirs is None or _mean_std(theirs["last"])[0] is None:
                 continue
-            difference, judged = compare(mine["last"], theirs["last"])
+            difference, judged, beyond_spread = compare(mine["last"], theirs["last"])
             name = other.upper() if other != "vanilla" else "vanilla"
-            if judged.startswith("larger"):
+            if beyond_spread:
                 relation = f"beats {name}'s" if difference > 0 else f"trails {name}'s"
             else:
                 relation = f"is {'above' if difference > 0 else 'below'} {name}'s"
@@ -169,7 +178,7 @@ def _verdict(rows) -> list[str]:
         for row in rows:
             if row["variant"] == BASELINE or row["method"] != "sokd":
                 continue
-            difference, judged = compare(row["last"], mine["last"])
+            difference, judged, _ = compare(row["last"], mine["last"])
             lines.append(f"- {row['variant']} vs {BASELINE}: {difference:+.2f} pt (last epoch), "
                          f"{judged}.")
     for row in rows:
