@@ -67,9 +67,8 @@ def equal_budget_config(teacher_config):
     ))
 
 
-def machine() -> dict:
+def machine(features: cpu.MachineFeatures) -> dict:
     """The CPU the study ran on (model name and the ISA flags that matter for speed)."""
-    features = cpu.detect()
     return {
         "cpu": features.cpu_name,
         "isa": [name for name, present in features.isa_flags().items() if present],
@@ -101,6 +100,9 @@ class StudyRunner:
         self.command = command
         self.log = log
         self._datasets = {}
+        # The CPU of this process: it names the machine in results.json and in every run
+        # record finished here (a study resumed elsewhere records the other CPU).
+        self.cpu = cpu.detect()
 
     def _dataset(self, config):
         key = (config.data, config.train.seed if config.data.validation_size else None)
@@ -130,7 +132,7 @@ class StudyRunner:
             "top1": _percent(results["roles"]["teacher"]["last_test_top1"]),
             "epochs": config.train.teacher_epochs,
             "wall_s": round(time.perf_counter() - start, 1),
-            "cpu": cpu.detect().cpu_name,
+            "cpu": self.cpu.cpu_name,
             "checkpoint": results["checkpoint"],
         }
         workdir_lib.write_json(record_path, record)
@@ -184,7 +186,7 @@ class StudyRunner:
             "epochs": config.train.epochs,
             "wall_s": round(wall, 1),
             # The CPU that finished the run (a resumed run may have started on another).
-            "cpu": cpu.detect().cpu_name,
+            "cpu": self.cpu.cpu_name,
             "resumed": resumed,
             "workdir": os.path.relpath(directory, self.root),
         }
@@ -223,7 +225,7 @@ class StudyRunner:
             "study": self.study.name,
             "description": self.study.description,
             "command": self.command,
-            "machine": machine(),
+            "machine": machine(self.cpu),
             "seeds": list(self.seeds),
             "teachers": teachers,
             "runs": runs,
