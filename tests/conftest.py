@@ -44,3 +44,10 @@ def write_fashion_mnist_subset(directory, train_size, test_size):
 def small_fashion_mnist(tmp_path_factory):
     """Directory with 640 train and 256 test real Fashion-MNIST images (IDX, gzip)."""
     return write_fashion_mnist_subset(str(tmp_path_factory.mktemp("fmnist_small")), 640, 256)
+
+
+def pytest_report_header(config):
+    """The CPU in the header: float kernels, and so the last digits, differ by CPU class."""
+    from sokd_tf.runtime import cpu
+
+    return f"CPU: {cpu.detect(gpu_compute_capabilities=[]).describe(with_gpu=False)}"

@@ -281,6 +281,21 @@ def _env(**extra):
     return env
 
 
+# N replicas vs one device (or the same run on another BN code path) differ only by float32
+# rounding, grown over 4 SGD steps; tests/distributed_worker.py keeps that small with a
+# learning rate of 0.01. Measured there: weights 2.5e-4 apart, losses and loss terms
+# 6e-5 (relative), where per-replica BN statistics (synchronized BN off, the bug these
+# comparisons exist for) move the weights by 0.15 and the losses by 6e-4.
+WEIGHT_ATOL = 5e-3
+LOSS_RTOL = 1.5e-4
+METRIC_RTOL = 1e-3
+
+
+def _metric_atol(key):
+    """Accuracies may flip one near-tied example of the 20 validation images."""
+    return 0.05 + 1e-6 if key.endswith(("top1", "top5")) else 1e-6
+
+
 def _load_state(path):
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
@@ -300,13 +315,13 @@ def test_mirrored_two_cpus_matches_one_device(tmp_path):
     assert int(data["default:replicas"]) == 1
     assert int(data["mirrored:replicas"]) == 2
     assert int(data["default:iterations"]) == int(data["mirrored:iterations"]) == 4
-    np.testing.assert_allclose(data["mirrored:loss"], data["default:loss"], rtol=1e-5)
+    np.testing.assert_allclose(data["mirrored:loss"], data["default:loss"], rtol=LOSS_RTOL)
     def variables(run):
         return {k.split(":", 1)[1]: v for k, v in data.items() if k.startswith(f"{run}:") and "/" in k}
 
     default, mirrored = variables("default"), variables("mirrored")
     assert len(default) > 100, "teacher, peer and student variables are all compared"
-    assert _max_difference(default, mirrored) < 1e-5
+    assert _max_difference(default, mirrored) < WEIGHT_ATOL
 
 
 def _train_workers(out_dir, epochs):
@@ -356,16 +371,18 @@ def test_multi_worker_sokd_trains_identically_and_resumes_from_the_chief(tmp_pat
     _run_processes([([sys.executable, WORKER, "train", str(reference_dir), "2"], _env())],
                    str(reference_dir))
     reference = _load_state(reference_dir / "weights_0.npz")
-    assert _max_difference(worker_states[0], reference) < 1e-5
+    assert _max_difference(worker_states[0], reference) < WEIGHT_ATOL
     with open(reference_dir / "result_0.json") as f:
         reference_history = json.load(f)["history"]
     with open(reference_dir / "result_0.json") as f:
         reference_evaluation = json.load(f)["evaluation"]
     for key, value in phase_two[0]["evaluation"].items():
-        np.testing.assert_allclose(value, reference_evaluation[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(value, reference_evaluation[key], rtol=METRIC_RTOL,
+                                   atol=_metric_atol(key), err_msg=key)
     for key, values in phase_two[0]["history"].items():
         np.testing.assert_allclose(
-            values, reference_history[key][-1:], rtol=1e-5, atol=1e-6, err_msg=key
+            values, reference_history[key][-1:], rtol=METRIC_RTOL, atol=_metric_atol(key),
+            err_msg=key,
         )
 
 

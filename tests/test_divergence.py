@@ -261,10 +261,20 @@ def test_float16_loss_scale_overflow_skips_steps_and_still_trains(tmp_path):
 def test_float16_nonfinite_unscaled_loss_stops(tmp_path):
     trainer = _float16_trainer(2.0**15)
     images, labels = random_data(4 * BATCH)
-    images[BATCH:2 * BATCH] = 1e6  # overflows float16 activations: the loss itself is inf/nan
+    gamma = trainer.student.get_layer("final_bn").gamma
+
+    def overflow(batch, logs):
+        # From step 2 on, the last BN's float16 outputs pass 65504 and become inf; its ReLU
+        # keeps inf (a NaN it may turn into 0, depending on the CPU's float16 kernels, which
+        # is why poisoned input pixels are not used here), so the float32 logits, and with
+        # them the loss itself, are not finite.
+        if batch == 1:
+            gamma.assign(np.full(gamma.shape, 1e6, "float32"))
+
     with pytest.raises(DivergedError) as caught:
         trainer.fit(images, labels, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-                    callbacks=[check(tmp_path, TrainConfig(precision="mixed_float16"))])
+                    callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=overflow),
+                               check(tmp_path, TrainConfig(precision="mixed_float16"))])
     message = str(caught.value)
     assert re.search(r"epoch 1, step 2: student/ce is (nan|inf)", message), message
     assert "--precision=mixed_bfloat16 or float32" in message

@@ -81,9 +81,7 @@ def test_keras_file_teacher_to_mobilenet_v3_small_through_every_export(small_fas
         assert list(classifier.input["shape"][1:]) == [28, 28, 1], variant
         logits = classifier.logits(test_images)
         output_step = classifier.output["quantization"][0]
-        np.testing.assert_allclose(
-            logits, expected, atol=support.litert_tolerance(variant, scale, output_step),
-            err_msg=variant)
+        support.assert_litert_close(variant, logits, expected, scale, output_step)
         agreement = float(np.mean(np.argmax(logits, -1) == np.argmax(expected, -1)))
         assert agreement == report["tflite"][variant]["agreement"], variant
         if variant != "qat_int8":
