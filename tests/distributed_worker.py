@@ -78,7 +78,7 @@ def _build_sokd(strategy):
         peer = peer_lib.build_peer(teacher)
         distiller = distillers.SemiOnlineDistiller(teacher, peer, student)
         # A tenth of the recipe's rates: the comparisons below hold two runs whose float32
-        # rounding differs (other batch shapes, and on some CPUs Keras' one-pass
+        # rounding differs (other batch shapes, and on one CI machine Keras' one-pass
         # synchronized moments on one side and TensorFlow's fused BN kernel on the other),
         # and 4 steps at 0.1 grow a 1e-6 difference in the BN outputs to 3e-3 in the
         # weights. At 0.01 that stays below 3e-4 while the bug the comparisons look for,

@@ -91,7 +91,7 @@ def test_keras_file_teacher_to_mobilenet_v3_small_through_every_export(small_fas
         # spread of this barely trained student's logits (~0.2): its classes are mostly
         # ties. Its logits are still held to 5 output steps above.
         assert not [op for op in tflite.op_counts(path) if op.startswith("Flex") or op == "CUSTOM"]
-        if variant in ("int8", "int8_float_io", "qat_int8"):
+        if variant in tflite.FULL_INTEGER_VARIANTS:
             assert tflite.integer_graph_problems(path) == [], variant
     assert tflite.op_counts(os.path.join(paths.export_dir, "tflite", "qat_int8.tflite"))[
         "HARD_SWISH"] > 0
